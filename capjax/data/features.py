@@ -5,6 +5,7 @@ One schema means one input pipeline: it reads `image` (uint8 [H, W, 3]),
 builder may add features of its own (shapes adds the scene's objects).
 """
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 
@@ -13,10 +14,10 @@ def caption_features(image_format: str, **extra) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(None, None, 3),
                                    encoding_format=image_format),
-      'image/id': tfds.features.Scalar(dtype='int64'),
+      'image/id': tfds.features.Scalar(dtype=np.int64),
       'image/filename': tfds.features.Text(),
       'captions': tfds.features.Sequence({
-          'id': tfds.features.Scalar(dtype='int64'),
+          'id': tfds.features.Scalar(dtype=np.int64),
           'text': tfds.features.Text(),
       }),
       **extra,

@@ -5,7 +5,7 @@ same `vocab.json` from the workdir, so token ids never drift between jobs.
 """
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import dataclasses
 import json
 import os
@@ -107,3 +107,29 @@ class Vocab:
       raise UserError(f'{path} is not a capjax vocabulary file (expected '
                       f'"format": "{_FORMAT}")')
     return cls(tuple(data['words']), data.get('source', {}))
+
+
+def load_or_build(path: str, captions: Callable[[], Iterable[str]],
+                  min_count: int, source: dict[str, Any],
+                  write: bool = True) -> Vocab:
+  """The vocabulary at `path`; built from `captions()` if there is none.
+
+  An existing file is reloaded, never rebuilt, so ids stay fixed for the life
+  of a workdir; one built from other data or settings is an error. Every
+  process builds the same vocabulary, and only the one with `write` saves it.
+  """
+  wanted = dict(source, min_count=min_count)
+  if os.path.exists(path):
+    vocab = Vocab.load(path)
+    differs = {k: (vocab.source.get(k), v) for k, v in wanted.items()
+               if vocab.source.get(k) != v}
+    if differs:
+      what = ', '.join(f'{k}: {old!r} there, {new!r} now'
+                       for k, (old, new) in differs.items())
+      raise UserError(f'{path} was built from other data ({what}); use a new '
+                      '--workdir, or set the config back')
+    return vocab
+  vocab = Vocab.build(captions(), min_count, source)
+  if write:
+    vocab.save(path)
+  return vocab

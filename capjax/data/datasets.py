@@ -1,0 +1,123 @@
+"""Which TFDS builder a config names, preparing it, and reading its splits.
+
+Every dataset is read through `tfds.data_source` (random access over
+ArrayRecord files), which is what grain needs for global shuffling and
+resumable iteration.
+"""
+
+from collections.abc import Iterator, Sequence
+import os
+import re
+
+from absl import logging
+import ml_collections
+import tensorflow_datasets as tfds
+
+from capjax.errors import UserError
+
+NAMES = ('shapes', 'coco_captions', 'caption_files')
+
+_PREPARE_HINT = {
+    'coco_captions': (
+        'prepare it once with `python -m capjax.main --config=configs/coco.py '
+        '--workdir=DIR --mode=prepare` (downloads about 20 GB of COCO 2014)'),
+    'caption_files': (
+        'prepare it with `python -m capjax.main --config=configs/'
+        'caption_files.py --workdir=DIR --mode=prepare`'),
+    'shapes': 'prepare it with `--mode=prepare` or `--config.data.prepare=True`',
+}
+
+
+def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `config.data`, writing ArrayRecord files."""
+  if data.name not in NAMES:
+    raise UserError(f'unknown dataset --config.data.name={data.name!r}; '
+                    f'choose one of {", ".join(NAMES)}')
+  kwargs = dict(data_dir=data.data_dir, file_format='array_record')
+  if data.data_dir and not os.path.isdir(os.path.expanduser(data.data_dir)):
+    if not data.prepare:
+      raise UserError(f'data dir --config.data.data_dir={data.data_dir} does '
+                      'not exist; point it at the folder holding the '
+                      'prepared TFDS datasets')
+  if data.name == 'shapes':
+    from capjax.data import shapes  # pylint: disable=g-import-not-at-top
+    return shapes.Shapes(config=data.builder_config or 'default', **kwargs)
+  if data.name == 'caption_files':
+    from capjax.data import caption_files  # pylint: disable=g-import-not-at-top
+    if not data.builder_config:
+      raise UserError('caption_files needs a dataset name: set '
+                      '--config.data.builder_config=NAME (any identifier)')
+    config = caption_files.CaptionFilesConfig(
+        name=data.builder_config, annotations=data.annotations,
+        images=data.images)
+    return caption_files.CaptionFiles(config=config, **kwargs)
+  return tfds.builder(data.name, config=data.builder_config or None, **kwargs)
+
+
+def prepare(data: ml_collections.ConfigDict,
+            force: bool = False) -> tfds.core.DatasetBuilder:
+  """Returns the builder, building the dataset first when allowed.
+
+  With `force` (the `--mode=prepare` job) or `config.data.prepare`, a missing
+  dataset is downloaded and written; otherwise a missing dataset is an error
+  that says how to prepare it. A prepared dataset is never rewritten.
+  """
+  builder = get_builder(data)
+  if builder.is_prepared():
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise UserError(
+          f'{builder.data_dir} holds {data.name} as '
+          f'{builder.info.file_format.value}, but capjax reads ArrayRecord: '
+          'convert it with `tfds convert_format --dataset_dir='
+          f'{builder.data_dir} --out_file_format=array_record`')
+    return builder
+  if not (force or data.prepare):
+    raise UserError(f'{data.name} is not prepared in {builder.data_dir}: '
+                    f'{_PREPARE_HINT[data.name]}, or set '
+                    '--config.data.data_dir to where it is')
+  logging.info('Preparing %s in %s.', data.name, builder.data_dir)
+  download_config = None
+  if data.name == 'caption_files':
+    if not data.manual_dir:
+      raise UserError('caption_files needs the folder of your images and '
+                      'captions: set --config.data.manual_dir')
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(data.manual_dir))
+  builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def split_names(split: str) -> list[str]:
+  """The split names in a TFDS split spec ('train+restval[:10%]' -> both)."""
+  return [re.sub(r'\[.*\]$', '', part.strip()) for part in split.split('+')]
+
+
+def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
+  known = list(builder.info.splits)
+  if not known:  # Not known before preparation (and under tfds mock_data).
+    return
+  for name in split_names(split):
+    if name not in known:
+      raise UserError(f'{builder.name} has no split {name!r} (in {split!r}); '
+                      f'its splits are {", ".join(known)}')
+
+
+def data_source(builder: tfds.core.DatasetBuilder, split: str,
+                decoders=None) -> Sequence[dict]:
+  """Random-access examples of `split`, decoded to numpy."""
+  check_split(builder, split)
+  return builder.as_data_source(split, decoders=decoders)
+
+
+def iter_captions(builder: tfds.core.DatasetBuilder,
+                  split: str) -> Iterator[str]:
+  """Streams every caption of `split` without decoding a single image."""
+  source = data_source(builder, split,
+                       decoders={'image': tfds.decode.SkipDecoding()})
+  for i in range(len(source)):
+    for text in source[i]['captions']['text']:
+      yield as_str(text)
+
+
+def as_str(text) -> str:
+  return text.decode('utf-8') if isinstance(text, bytes) else str(text)

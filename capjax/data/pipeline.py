@@ -1,0 +1,179 @@
+"""The grain input pipeline: TFDS data source -> batches of images and captions.
+
+Training: source -> this process's shard -> seeded shuffle -> repeat ->
+preprocess (resize, normalise, pick and tokenise K captions) -> batch ->
+iterator, with worker processes when `config.data.workers > 0`. The iterator
+is checkpointable (`get_state` / `set_state`, or `grain.checkpoint` with
+orbax), so training resumes mid-epoch exactly.
+
+Evaluation: each process gets every `process_count`-th example, padded with
+masked copies so that all processes run the same number of batches and the
+split is covered exactly once.
+
+A batch holds every caption of an image next to it (`[batch, K, len]`), so
+the encoder runs once per image however many captions train on it.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import functools
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from capjax.data import datasets
+from capjax.data.vocab import Vocab
+from capjax.errors import UserError
+
+# RGB statistics of ImageNet (torchvision / timm models).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+# Keras ResNet v1 ("caffe" preprocessing): BGR order, mean subtracted only.
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
+NORMALIZATIONS = ('imagenet', 'caffe')
+
+
+def normalize(image: np.ndarray, method: str) -> np.ndarray:
+  """uint8 RGB [..., 3] -> float32 model input."""
+  image = image.astype(np.float32)
+  if method == 'imagenet':
+    return (image - IMAGENET_MEAN) / IMAGENET_STD
+  if method == 'caffe':
+    return image[..., ::-1] - CAFFE_MEAN_BGR
+  raise ValueError(f'unknown normalization {method!r}')
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Any decoded image -> uint8 [size, size, 3], whole image, no crop.
+
+  No crop because a caption may mention anything in the frame. Pillow's
+  bilinear filter widens with the scale factor, so downscaling is antialiased.
+  """
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  image = image[..., :3]
+  if image.shape[:2] != (size, size):
+    image = np.asarray(Image.fromarray(image).resize(
+        (size, size), Image.Resampling.BILINEAR))
+  return image
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """One TFDS example -> model inputs. Picklable, for grain's workers."""
+
+  vocab: Vocab
+  image_size: int
+  captions_per_image: int
+  max_len: int
+  normalization: str
+
+  def __call__(self, example: dict, rng: np.random.Generator | None) -> dict:
+    """With `rng`, K captions are sampled; without, the first K are taken.
+
+    An image with fewer than K captions repeats some of them.
+    """
+    texts = [datasets.as_str(t) for t in example['captions']['text']]
+    k = self.captions_per_image
+    if rng is None:
+      picks = [i % len(texts) for i in range(k)]
+    elif len(texts) >= k:
+      picks = rng.choice(len(texts), k, replace=False)
+    else:
+      picks = np.concatenate([rng.permutation(len(texts)),
+                              rng.choice(len(texts), k - len(texts))])
+    image = resize(np.asarray(example['image']), self.image_size)
+    pad = example.get('_pad', False)  # Set by `eval_dataset`.
+    return {
+        'image': normalize(image, self.normalization),  # [H, W, 3]
+        'captions': self.vocab.encode_batch(  # [K, L]
+            [texts[i] for i in picks], self.max_len),
+        'image/id': np.int64(-1 if pad else example['image/id']),
+        'mask': np.bool_(not pad),
+    }
+
+
+def _preprocess(config: ml_collections.ConfigDict, vocab: Vocab) -> Preprocess:
+  d = config.data
+  if d.normalization not in NORMALIZATIONS:
+    raise UserError(f'unknown --config.data.normalization={d.normalization!r};'
+                    f' choose one of {", ".join(NORMALIZATIONS)}')
+  if d.captions_per_image < 1 or d.max_len < 3:
+    raise UserError('--config.data.captions_per_image must be >= 1 and '
+                    '--config.data.max_len >= 3 (<bos>, a word, <eos>)')
+  return Preprocess(vocab, d.image_size, d.captions_per_image, d.max_len,
+                    d.normalization)
+
+
+def process_batch_size(config: ml_collections.ConfigDict,
+                       process_count: int) -> int:
+  """This process's share of the global `config.batch_size`."""
+  if config.batch_size % process_count:
+    raise UserError(f'--config.batch_size={config.batch_size} is not divisible '
+                    f'by the number of processes ({process_count})')
+  return config.batch_size // process_count
+
+
+def _finish(ds: grain.MapDataset, config) -> grain.IterDataset:
+  d = config.data
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=d.read_threads, prefetch_buffer_size=d.prefetch_buffer_size))
+  if d.workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers))
+  return it
+
+
+def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
+                  vocab: Vocab, *, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+  """Endless shuffled batches of this process's shard of `source`.
+
+  Batches: `image` [b, H, W, 3] float32, `captions` [b, K, L] int32,
+  `image/id` [b] int64, `mask` [b] bool (all true), with b the per-process
+  batch size.
+  """
+  if process_index is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
+  batch = process_batch_size(config, process_count)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) < batch:
+    raise UserError(f'the training split has {len(ds)} examples per process, '
+                    f'fewer than one batch ({batch}); lower --config.batch_size')
+  ds = ds.shuffle(seed=config.seed).repeat()  # Reshuffled every epoch.
+  ds = ds.random_map(_preprocess(config, vocab), seed=config.seed)
+  return _finish(ds.batch(batch, drop_remainder=True), config)
+
+
+def eval_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
+                 vocab: Vocab, *, batch_size: int | None = None,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """One pass over `source`, padded; every process yields as many batches.
+
+  Padding rows repeat the first example with `mask` false and `image/id` -1.
+  Captions are the first K of each image, so evaluation is deterministic.
+  """
+  if process_index is None:
+    process_index, process_count = jax.process_index(), jax.process_count()
+  batch = batch_size or process_batch_size(config, process_count)
+  n = len(source)
+  if not n:
+    raise UserError('the evaluation split is empty; check '
+                    '--config.data.eval_split')
+  steps = -(-n // (batch * process_count))  # ceil
+  full = grain.MapDataset.source(source)
+  ds = full[process_index::process_count]
+  pad = steps * batch - len(ds)
+  if pad:
+    ds = grain.MapDataset.concatenate([ds, full[:1].repeat(pad).map(_as_pad)])
+  ds = ds.map(functools.partial(_preprocess(config, vocab), rng=None))
+  return _finish(ds.batch(batch, drop_remainder=True), config)
+
+
+def _as_pad(example: dict) -> dict:
+  return dict(example, _pad=True)
