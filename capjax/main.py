@@ -37,6 +37,18 @@ def run(config, workdir: str, mode: str) -> None:
                  'with the model and the train step.', workdir)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with config-override mistakes as one line, not a trace."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'capjax: error: {e}')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections wraps the message of a misspelt field in a repr.
+    message = str(e).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
+    sys.exit(f'capjax: error: bad --config override: {message}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -49,4 +61,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
