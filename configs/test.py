@@ -10,7 +10,7 @@ def get_config():
   d.name = 'shapes'
   d.builder_config = 'tiny'  # 256 train and 64 images per eval split.
   d.image_size = 32
-  d.max_len = 24
+  d.max_len = 27  # Shapes captions have at most 25 words.
   d.min_count = 1
   d.read_threads = 2
   d.prefetch_buffer_size = 16

@@ -39,6 +39,22 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
       raise UserError(f'data dir --config.data.data_dir={data.data_dir} does '
                       'not exist; point it at the folder holding the '
                       'prepared TFDS datasets')
+  try:
+    return _builder(data, kwargs)
+  except ValueError as e:
+    if 'File format is already set' not in str(e):
+      raise
+    # Prepared before, by plain `tfds build`, in TFRecord format.
+    raise UserError(
+        f'{data.name} is prepared in {data.data_dir or "the TFDS data dir"} as '
+        'TFRecord, but capjax reads ArrayRecord: convert it (`pip install '
+        'apache-beam; tfds convert_format --dataset_dir=DIR '
+        '--out_file_format=array_record`) or prepare it with --mode=prepare '
+        'into another --config.data.data_dir') from None
+
+
+def _builder(data: ml_collections.ConfigDict,
+             kwargs: dict) -> tfds.core.DatasetBuilder:
   if data.name == 'shapes':
     from capjax.data import shapes  # pylint: disable=g-import-not-at-top
     return shapes.Shapes(config=data.builder_config or 'default', **kwargs)
@@ -64,12 +80,6 @@ def prepare(data: ml_collections.ConfigDict,
   """
   builder = get_builder(data)
   if builder.is_prepared():
-    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-      raise UserError(
-          f'{builder.data_dir} holds {data.name} as '
-          f'{builder.info.file_format.value}, but capjax reads ArrayRecord: '
-          'convert it with `tfds convert_format --dataset_dir='
-          f'{builder.data_dir} --out_file_format=array_record`')
     return builder
   if not (force or data.prepare):
     raise UserError(f'{data.name} is not prepared in {builder.data_dir}: '

@@ -26,6 +26,7 @@ COLORS = {  # name -> RGB, vivid enough to stay distinct on any background.
     'purple': (145, 50, 190),
     'orange': (245, 135, 20),
 }
+COLORS_LIST = list(COLORS)  # ClassLabel order in the TFDS features.
 SIZES = ('small', 'large')
 # One pair per colour and per shape, so train still shows every colour and
 # every shape, just never these combinations.
@@ -207,11 +208,12 @@ def _article(word: str) -> str:
   return 'an' if word[0] in 'aeiou' else 'a'
 
 
-def _phrase(rng, o: Obj, size_prob: float = 0.75) -> str:
-  """"a large red circle", sometimes "a red circle" or "a circle that is red"."""
+def _phrase(rng, o: Obj, size_prob: float = 0.75, clause: bool = False) -> str:
+  """"a large red circle", "a red circle", or with `clause` sometimes
+  "a circle that is large and red" (kept out of long listings)."""
   size = _pick(rng, _SIZE_WORDS[o.size]) if rng.random() < size_prob else None
   noun = _noun(rng, o.shape)
-  if rng.random() < 0.12:
+  if clause and rng.random() < 0.2:
     words = f'{noun} that is {f"{size} and " if size else ""}{o.color}'
   else:
     words = f'{f"{size} " if size else ""}{o.color} {noun}'
@@ -226,11 +228,12 @@ def _groups(objects: list[Obj]) -> list[list[Obj]]:
   return list(groups.values())
 
 
-def _group_phrase(rng, group: list[Obj]) -> str:
+def _group_phrase(rng, group: list[Obj], size_prob: float) -> str:
   if len(group) == 1:
-    return _phrase(rng, group[0])
+    return _phrase(rng, group[0], size_prob)
   sizes = {o.size for o in group}
-  size = f'{_pick(rng, _SIZE_WORDS[sizes.pop()])} ' if len(sizes) == 1 else ''
+  size = (f'{_pick(rng, _SIZE_WORDS[sizes.pop()])} '
+          if len(sizes) == 1 and rng.random() < size_prob else '')
   o = group[0]
   return f'{_NUMBERS[len(group)]} {size}{o.color} {_noun(rng, o.shape, True)}'
 
@@ -284,19 +287,22 @@ def describe(rng: np.random.Generator, objects: list[Obj], style: str) -> str:
   n = len(objects)
   if style == 'relation' and n > 1:
     a, rel, b = _pick(rng, _relation_pairs(objects))
-    text = f'{_phrase(rng, a)} {_pick(rng, _RELATIONS[rel])} {_phrase(rng, b)}'
+    text = (f'{_phrase(rng, a, clause=True)} {_pick(rng, _RELATIONS[rel])} '
+            f'{_phrase(rng, b, clause=True)}')
     return _pick(rng, ['{}', '{}', 'there is {}', 'an image with {}']).format(
         text)
   if style == 'position':
     o = _pick(rng, objects)
-    phrase, where = _phrase(rng, o), _position(o)
+    phrase, where = _phrase(rng, o, clause=True), _position(o)
     if n > 1:
       others = _pick(rng, _THING)[int(n > 2)]
       return f'{phrase} {where} and {_NUMBERS[n - 1]} other {others}'
     return _pick(rng, [f'{phrase} {where}',
                        f'a single {phrase.split(" ", 1)[1]} {where}',
                        f'{where} there is {phrase}'])
-  listing = _join([_group_phrase(rng, g) for g in _groups(objects)])
+  # Sizes are mentioned less in long listings, to keep captions short.
+  size_prob = 0.75 if n < 3 else 0.5
+  listing = _join([_group_phrase(rng, g, size_prob) for g in _groups(objects)])
   is_are = 'is' if n == 1 else 'are'
   if style == 'count':
     thing = _pick(rng, _THING)[int(n > 1)]

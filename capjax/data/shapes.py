@@ -46,6 +46,11 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                    description='A few hundred images, for tests.'),
   ]
 
+  def __init__(self, **kwargs):
+    # grain reads through random access, which needs ArrayRecord files.
+    kwargs.setdefault('file_format', 'array_record')
+    super().__init__(**kwargs)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
@@ -53,7 +58,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
             'jpeg',
             objects=tfds.features.Sequence({
                 'shape': tfds.features.ClassLabel(names=scenes.SHAPES),
-                'color': tfds.features.ClassLabel(names=list(scenes.COLORS)),
+                'color': tfds.features.ClassLabel(names=scenes.COLORS_LIST),
                 'size': tfds.features.ClassLabel(names=scenes.SIZES),
                 'bbox': tfds.features.BBoxFeature(),
             })),

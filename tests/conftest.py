@@ -1,0 +1,33 @@
+"""Shared fixtures: fake CPU devices, and the tiny `shapes` build, made once."""
+
+import os
+
+# Before JAX is imported anywhere: 8 CPU devices to test data parallelism.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# grain's worker processes read absl flags, which no command line parsed here.
+flags.FLAGS.mark_as_parsed()
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def shapes_data_dir(tmp_path_factory) -> str:
+  """A TFDS data dir holding the 'tiny' shapes build."""
+  from capjax.data import shapes  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  shapes.Shapes(config='tiny', data_dir=data_dir,
+                file_format='array_record').download_and_prepare()
+  return data_dir
+
+
+@pytest.fixture
+def test_config(shapes_data_dir):
+  """configs/test.py reading the tiny shapes build."""
+  from configs import test  # pylint: disable=g-import-not-at-top
+  config = test.get_config()
+  config.data.data_dir = shapes_data_dir
+  return config

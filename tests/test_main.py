@@ -1,0 +1,64 @@
+"""`python -m capjax.main` end to end, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _main(*args, cwd=REPO):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'capjax.main', *args], cwd=cwd, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_main_prepares_data_and_vocab(shapes_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  proc = _main('--config=configs/test.py', f'--workdir={workdir}',
+               f'--config.data.data_dir={shapes_data_dir}')
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  vocab = json.loads((workdir / 'vocab.json').read_text())
+  assert vocab['source']['dataset'] == 'shapes'
+  assert "'captions': ((8, 5, 27), 'int32')" in err
+  assert "'image': ((8, 32, 32, 3), 'float32')" in err
+
+
+def test_bad_input_is_one_line_and_nothing_is_lost(shapes_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'vocab.json').write_text('{"format": "capjax.vocab/1", '
+                                      '"source": {"dataset": "other"}, '
+                                      '"words": ["<pad>", "<bos>", "<eos>", '
+                                      '"<unk>"]}')
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'captions.json').write_text('')
+  base = ['--config=configs/test.py', f'--workdir={workdir}',
+          f'--config.data.data_dir={shapes_data_dir}']
+  cases = {
+      'bad --config override: \'batchsize\' Did you mean "batch_size"':
+          base + ['--config.batchsize=3'],
+      "unknown dataset --config.data.name='flickr'":
+          base + ['--config.data.name=flickr'],
+      'data dir --config.data.data_dir=/no/such/dir does not exist':
+          base + ['--config.data.data_dir=/no/such/dir',
+                  '--config.data.prepare=False'],
+      "shapes has no split 'valid'": base + ['--config.data.eval_split=valid'],
+      'vocab.json was built from other data': base,
+      'captions.json is empty': [
+          '--config=configs/caption_files.py', f'--workdir={workdir}',
+          f'--config.data.data_dir={tmp_path / "tfds"}',
+          f'--config.data.manual_dir={tmp_path / "mine"}',
+          '--config.data.annotations=captions.json'],
+  }
+  procs = {want: _main(*args) for want, args in cases.items()}
+  for want, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode != 0, want
+    assert last.startswith('capjax: error: ') and want in last, (want, err)
+    assert 'Traceback' not in err, err
+  assert sorted(os.listdir(workdir)) == ['vocab.json']
+  assert 'other' in (workdir / 'vocab.json').read_text()
