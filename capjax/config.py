@@ -41,4 +41,32 @@ def defaults() -> ml_collections.ConfigDict:
   d.workers = 0  # Preprocessing processes; 0 preprocesses in threads here.
   d.read_threads = 8  # Threads reading and preprocessing examples.
   d.prefetch_buffer_size = 128  # Examples read ahead by those threads.
+
+  config.model = m = ml_collections.ConfigDict()
+  # Compute dtype ('bfloat16' on GPU/TPU); parameters are always float32.
+  m.dtype = 'float32'
+  m.encoder = e = ml_collections.ConfigDict()
+  # 'resnet_tiny' (tests, shapes), 'resnet18', 'resnet34', 'resnet50',
+  # 'resnet101' or 'resnet152'.
+  e.arch = 'resnet50'
+  # 'v1.5': stride on the 3x3 conv, no conv bias (torchvision, timm).
+  # 'v1': stride on the first 1x1 conv, convs with bias (Keras applications).
+  e.variant = 'v1.5'
+  # Average-pool the feature grid to grid x grid (14 in Show, Attend and
+  # Tell); 0 keeps the encoder's own grid (7x7 at 224 px).
+  e.grid = 0
+  # No gradient into the encoder (and no optimizer state for it).
+  e.frozen = True
+  # BatchNorm uses its running statistics in training too (always true for a
+  # frozen encoder).
+  e.freeze_bn = True
+  # ImageNet weights: '' (random init), a file (.h5 / .keras from Keras
+  # applications, or a torchvision/timm .safetensors), or 'keras:imagenet'
+  # to download them with Keras.
+  e.pretrained = ''
+  m.decoder = dc = ml_collections.ConfigDict()
+  dc.embed_dim = 512  # Word embedding size.
+  dc.hidden_dim = 512  # LSTM state size.
+  dc.attention_dim = 512  # Size of the additive attention's hidden layer.
+  dc.dropout = 0.5  # On the deep output layer's input (Xu et al. 2015).
   return config
