@@ -215,3 +215,28 @@ def test_worker_processes_give_the_same_batches(test_config):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['image/id'], b['image/id'])
   workers.close()
+
+
+def test_iterator_state_in_an_orbax_checkpoint(tmp_path):
+  """The form training uses: the iterator beside the model state in orbax."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = _config(batch_size=4)
+  source = _source(10)
+
+  def new_iterator():
+    return iter(pipeline.train_dataset(config, source, VOCAB,
+                                       process_index=0, process_count=1))
+  it = new_iterator()
+  for _ in range(3):
+    next(it)
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.save(3, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+  expected = [next(it) for _ in range(3)]
+  resumed = new_iterator()
+  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+    manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(resumed)))
+  for want in expected:
+    np.testing.assert_array_equal(next(resumed)['image/id'], want['image/id'])

@@ -147,3 +147,19 @@ def test_tiny_build(shapes_data_dir, tmp_path):
     assert a[i]['image/id'] == b[i]['image/id']
     np.testing.assert_array_equal(a[i]['image'], b[i]['image'])
     assert a[i]['captions']['text'] == b[i]['captions']['text']
+
+
+def test_parallel_build_equals_the_scenes(tmp_path):
+  """Big splits render in worker processes; the result must not change."""
+  config = shapes.ShapesConfig(name='par', num_train=shapes._MIN_PARALLEL,
+                               num_eval=4, image_size=32, seed=5)
+  builder = shapes.Shapes(config=config, data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  source = builder.as_data_source('train')
+  assert len(source) == shapes._MIN_PARALLEL
+  for i in (0, 777, len(source) - 1):
+    ex = source[i]
+    scene = scenes.make_scene(5, 0, int(ex['image/id']), 32, False)
+    assert [t.decode() for t in ex['captions']['text']] == scene.captions
+    assert list(ex['objects']['shape']) == [
+        scenes.SHAPES.index(o.shape) for o in scene.objects]
