@@ -1,0 +1,55 @@
+"""capjax models: the ResNet encoder, the attention LSTM decoder, the captioner.
+
+`build_captioner(config.model, len(vocab))` is the one way jobs make the
+model, so training, evaluation and decoding agree on its shape.
+"""
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from capjax.errors import UserError
+from capjax.models import resnet
+from capjax.models.captioner import Captioner
+from capjax.models.decoder import AttentionLSTMCell
+from capjax.models.decoder import Cache
+from capjax.models.decoder import Carry
+from capjax.models.decoder import Decoder
+
+__all__ = [
+    'AttentionLSTMCell', 'Cache', 'Captioner', 'Carry', 'Decoder',
+    'build_captioner', 'compute_dtype',
+]
+
+# float16 is left out: it would need loss scaling, which capjax does not do.
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """config.model.dtype ('float32' or 'bfloat16') -> the jnp dtype."""
+  if name not in _DTYPES:
+    raise UserError(f'config.model.dtype={name!r} is not a supported compute '
+                    f'dtype; use one of {", ".join(map(repr, _DTYPES))}')
+  return _DTYPES[name]
+
+
+def build_captioner(model_config: ml_collections.ConfigDict,
+                    vocab_size: int) -> Captioner:
+  """The `Captioner` that config.model describes, for `vocab_size` words."""
+  encoder, decoder = model_config.encoder, model_config.decoder
+  dtype = compute_dtype(model_config.dtype)
+  # Fail here, before any tracing, on an unknown arch.
+  resnet.feature_dim(encoder.arch)
+  return Captioner(
+      vocab_size=vocab_size,
+      arch=encoder.arch,
+      variant=encoder.variant,
+      grid=encoder.grid,
+      frozen=encoder.frozen,
+      freeze_bn=encoder.freeze_bn,
+      embed_dim=decoder.embed_dim,
+      hidden_dim=decoder.hidden_dim,
+      attention_dim=decoder.attention_dim,
+      dropout_rate=decoder.dropout,
+      dtype=dtype)

@@ -1,0 +1,119 @@
+"""The captioning model: a ResNet encoder feeding the attention LSTM decoder.
+
+Images [B, S, S, 3] become a grid of features (average-pooled to grid x grid
+when config.model.encoder.grid is set) flattened to the P = h * w annotation
+vectors [B, P, C] the decoder attends over (Xu et al. 2015, Sec. 3.1.1). The
+encoder runs once per image; its K captions (training) or K beams (decoding)
+share those features by broadcasting.
+
+Variables: params {'encoder', 'decoder'} and batch_stats {'encoder'}.
+
+  model = models.build_captioner(config.model, len(vocab))
+  variables = model.init({'params': key}, images, captions)
+  logits, alphas = model.apply(variables, images, captions, train=True,
+                               rngs={'dropout': key})
+  # A trainable encoder with live BatchNorm (frozen=False, freeze_bn=False)
+  # also needs mutable=['batch_stats'] when train=True.
+  cache = model.apply(variables, images, method='decode_prepare')
+  carry = model.apply(variables, cache, beam, method='decode_initial_carry')
+  carry, logits, alpha = model.apply(variables, carry, tokens, cache,
+                                     method='decode_step')
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from capjax.models import decoder as decoder_lib
+from capjax.models import resnet
+
+Array = jax.Array
+Dtype = Any
+
+
+class Captioner(nn.Module):
+  """ResNet encoder + soft-attention LSTM decoder.
+
+  Attributes:
+    vocab_size: V, word ids including the special tokens.
+    arch: a `resnet.build` architecture ('resnet_tiny', 'resnet50', ...).
+    variant: the ResNet variant, 'v1.5' or 'v1'.
+    grid: average-pool the encoder's grid to grid x grid; 0 keeps it.
+    frozen: no gradient reaches the encoder, and its BatchNorm uses the
+      running statistics.
+    freeze_bn: BatchNorm uses the running statistics even when training a
+      trainable encoder.
+    embed_dim, hidden_dim, attention_dim, dropout_rate: the decoder's sizes
+      and deep-output dropout.
+    dtype: the compute dtype; parameters stay float32.
+  """
+
+  vocab_size: int
+  arch: str = 'resnet50'
+  variant: str = 'v1.5'
+  grid: int = 0
+  frozen: bool = True
+  freeze_bn: bool = True
+  embed_dim: int = 512
+  hidden_dim: int = 512
+  attention_dim: int = 512
+  dropout_rate: float = 0.5
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.encoder = resnet.build(self.arch, variant=self.variant,
+                                dtype=self.dtype)
+    self.decoder = decoder_lib.Decoder(
+        vocab_size=self.vocab_size, embed_dim=self.embed_dim,
+        hidden_dim=self.hidden_dim, attention_dim=self.attention_dim,
+        dropout_rate=self.dropout_rate, dtype=self.dtype)
+
+  def encode(self, images: Array, train: bool = False) -> Array:
+    """images [B, S, S, 3] (normalized) -> features [B, P, C]."""
+    # A frozen encoder's statistics must not drift with the caption data,
+    # so its BatchNorm always normalizes with the stored running averages.
+    freeze_bn = self.frozen or self.freeze_bn
+    features = self.encoder(images, train=train,
+                            freeze_bn=freeze_bn)  # [B, h, w, C]
+    features = resnet.pool_grid(features, self.grid)  # [B, g, g, C]
+    batch, height, width, channels = features.shape
+    features = features.reshape(batch, height * width,
+                                channels)  # [B, P, C]
+    if self.frozen:
+      # Zero gradient into the encoder: XLA then drops its backward pass.
+      features = jax.lax.stop_gradient(features)
+    return features
+
+  def __call__(self, images: Array, captions: Array,
+               train: bool = False) -> tuple[Array, Array]:
+    """Teacher forcing on K captions per image.
+
+    Args:
+      images: [B, S, S, 3] normalized images.
+      captions: int [B, K, L] token ids: <bos> words <eos> <pad>...
+      train: dropout (needs a 'dropout' rng) and, for a trainable encoder
+        without freeze_bn, BatchNorm batch statistics (mutable batch_stats).
+
+    Returns:
+      logits [B, K, L-1, V] float32 for the targets captions[..., 1:] and
+      the attention weights alphas [B, K, L-1, P] float32.
+    """
+    features = self.encode(images, train)  # [B, P, C], once per image
+    return self.decoder(features, captions[..., :-1], train)
+
+  def decode_prepare(self, images: Array) -> decoder_lib.Cache:
+    """images [B, S, S, 3] -> the decoder's per-image cache (eval mode)."""
+    return self.decoder.prepare(self.encode(images, train=False))
+
+  def decode_initial_carry(self, cache: decoder_lib.Cache,
+                           k: int) -> decoder_lib.Carry:
+    """(c_0, h_0), each [B, k, H] float32, for k hypotheses per image."""
+    return self.decoder.initial_carry(cache, k)
+
+  def decode_step(
+      self, carry: decoder_lib.Carry, tokens: Array, cache: decoder_lib.Cache,
+      train: bool = False) -> tuple[decoder_lib.Carry, Array, Array]:
+    """tokens [B, k] -> (carry, logits [B, k, V], alpha [B, k, P])."""
+    return self.decoder.step(carry, tokens, cache, train)

@@ -1,0 +1,234 @@
+"""Tests for the captioner (capjax.models.captioner) and `build_captioner`."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from capjax import config as config_lib
+from capjax import models
+from capjax.data import vocab
+from capjax.errors import UserError
+from capjax.models import resnet
+
+VOCAB = 20
+B, K, L, S = 2, 3, 6, 64  # 64 px -> resnet_tiny's 2x2 grid, P = 4.
+P = (S // 32)**2
+
+# On arrays this small XLA's CPU backend optimisations take longer to run
+# than they save; without them each compile here takes half the time.
+jit = functools.partial(
+    jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
+
+def model_config(**encoder):
+  config = config_lib.defaults().model
+  config.encoder.arch = 'resnet_tiny'
+  config.encoder.update(encoder)
+  config.decoder.update(embed_dim=16, hidden_dim=24, attention_dim=12)
+  return config
+
+
+def make_model(**encoder) -> models.Captioner:
+  return models.build_captioner(model_config(**encoder), VOCAB)
+
+
+def random_variables(init, *args, seed: int = 0):
+  """Variables shaped as `init` makes them, filled by NumPy.
+
+  `jax.eval_shape` traces `init` without compiling it: compiling the random
+  initialisers costs more CPU seconds than the tests themselves.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, shape):
+    name = path[-1].key
+    if name == 'var':  # BatchNorm running variance: positive.
+      value = 1 + 0.1 * np.abs(rng.standard_normal(shape.shape))
+    elif name == 'scale':  # BatchNorm scale: near 1.
+      value = 1 + 0.1 * rng.standard_normal(shape.shape)
+    elif len(shape.shape) >= 2:  # Kernels and embeddings, fan-in scaled.
+      value = (rng.standard_normal(shape.shape) /
+               np.sqrt(np.prod(shape.shape[:-1])))
+    else:  # Biases and running means, non-zero so that they count.
+      value = 0.1 * rng.standard_normal(shape.shape)
+    return value.astype(shape.dtype)
+
+  shapes = jax.eval_shape(init, jax.random.key(0), *args)
+  return jax.tree.map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope='module')
+def images():
+  return jax.random.normal(jax.random.key(0), (B, S, S, 3))  # [B, S, S, 3]
+
+
+@pytest.fixture(scope='module')
+def captions():
+  captions = jax.random.randint(jax.random.key(1), (B, K, L), 4, VOCAB)
+  return captions.at[..., 0].set(vocab.BOS)  # [B, K, L]
+
+
+@pytest.fixture(scope='module')
+def variables(images, captions):
+  return random_variables(make_model().init, images, captions)
+
+
+@functools.cache
+def forward(frozen: bool = True):
+  return jit(make_model(frozen=frozen).apply)
+
+
+@functools.cache
+def prepare():
+  return jit(functools.partial(make_model().apply, method='decode_prepare'))
+
+
+def count_convs(jaxpr) -> int:
+  """Convolutions in a jaxpr, nested jaxprs (jit, remat, ...) included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == 'conv_general_dilated'
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        sub = getattr(sub, 'jaxpr', sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, 'eqns'):
+          count += count_convs(sub)
+  return count
+
+
+def test_variables(variables):
+  assert set(variables) == {'params', 'batch_stats'}
+  assert set(variables['params']) == {'encoder', 'decoder'}
+  assert set(variables['batch_stats']) == {'encoder'}
+  for leaf in jax.tree.leaves(variables):
+    assert leaf.dtype == jnp.float32
+  # The decoder's attention keys read resnet_tiny's channels.
+  keys = variables['params']['decoder']['cell']['attend_features']['kernel']
+  assert keys.shape == (resnet.feature_dim('resnet_tiny'), 12)
+
+
+def test_shapes(variables, images, captions):
+  logits, alphas = forward()(variables, images, captions)
+  assert logits.shape == (B, K, L - 1, VOCAB) and logits.dtype == jnp.float32
+  assert alphas.shape == (B, K, L - 1, P) and alphas.dtype == jnp.float32
+  np.testing.assert_allclose(alphas.sum(-1), np.ones((B, K, L - 1)),
+                             rtol=1e-5)
+  features = jax.eval_shape(functools.partial(
+      make_model().apply, method='encode'), variables, images)
+  assert features.shape == (B, P, resnet.feature_dim('resnet_tiny'))
+
+
+def test_grid_pools_features(images, captions):
+  model = make_model(grid=1)
+  variables = jax.eval_shape(model.init, jax.random.key(2), images, captions)
+  _, alphas = jax.eval_shape(model.apply, variables, images, captions)
+  assert alphas.shape == (B, K, L - 1, 1)
+
+
+def test_encoder_runs_once_per_image(variables, images, captions):
+  model = make_model()
+  # As many convolutions for K captions as for one: one encoder pass.
+  convs = [count_convs(jax.make_jaxpr(model.apply)(
+      variables, images, captions[:, :k]).jaxpr) for k in (1, K)]
+  encoder_kernels = [
+      x for x in jax.tree.leaves(variables['params']['encoder']) if x.ndim == 4]
+  assert convs == [len(encoder_kernels)] * 2
+  # And K captions at once give what each gives alone.
+  logits, _ = forward()(variables, images, captions)
+  for k in range(K):
+    one_logits, _ = forward()(variables, images, captions[:, k:k + 1])
+    np.testing.assert_allclose(logits[:, k:k + 1], one_logits,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('frozen', [True, False])
+def test_frozen_encoder(variables, images, captions, frozen):
+  """Frozen: no gradient into the encoder, BatchNorm on running statistics.
+
+  freeze_bn=False, so a trainable encoder's BatchNorm is live in training.
+  """
+  model = make_model(frozen=frozen, freeze_bn=False)
+
+  @jit
+  def grads(params):
+    def total(params):
+      (logits, _), updates = model.apply(
+          {**variables, 'params': params}, images, captions, train=True,
+          rngs={'dropout': jax.random.key(3)}, mutable=['batch_stats'])
+      return logits.sum(), updates['batch_stats']
+    return jax.grad(total, has_aux=True)(params)
+
+  grads, batch_stats = grads(variables['params'])
+  encoder = [np.abs(g).max() for g in jax.tree.leaves(grads['encoder'])]
+  decoder = [np.abs(g).max() for g in jax.tree.leaves(grads['decoder'])]
+  assert max(decoder) > 0
+  changed = jax.tree.leaves(jax.tree.map(
+      lambda a, b: bool((a != b).any()), variables['batch_stats'],
+      batch_stats))
+  if frozen:
+    assert max(encoder) == 0
+    assert not any(changed)
+  else:
+    assert max(encoder) > 0
+    assert all(changed)
+
+
+def test_decode_steps_match_teacher_forcing(variables, images, captions):
+  model = make_model()
+  logits, alphas = forward()(variables, images, captions)
+  cache = prepare()(variables, images)
+  carry = model.apply(variables, cache, K, method='decode_initial_carry')
+  step = jit(functools.partial(model.apply, method='decode_step'))
+  for t in range(L - 1):
+    carry, step_logits, alpha = step(variables, carry, captions[..., t], cache)
+    np.testing.assert_allclose(step_logits, logits[:, :, t],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(alpha, alphas[:, :, t], rtol=1e-5, atol=1e-6)
+
+
+def test_jitted_decode_step_traces_once(variables, images):
+  model = make_model()
+  traces = []
+
+  @jax.jit
+  def step(variables, carry, tokens, cache):
+    traces.append(1)  # Runs only while tracing.
+    return model.apply(variables, carry, tokens, cache, method='decode_step')
+
+  cache = prepare()(variables, images)
+  carry = model.apply(variables, cache, K, method='decode_initial_carry')
+  tokens = jnp.full((B, K), vocab.BOS, jnp.int32)
+  for _ in range(3):
+    carry, logits, _ = step(variables, carry, tokens, cache)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize('arch', list(resnet.ARCHS))
+def test_build_every_arch(arch):
+  config = model_config(arch=arch)
+  config.dtype = 'bfloat16'
+  model = models.build_captioner(config, VOCAB)
+  assert model.dtype == jnp.bfloat16
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  captions = jax.ShapeDtypeStruct((1, 2, 4), jnp.int32)
+  # eval_shape: traced, nothing computed, so resnet152 costs no FLOPs.
+  (logits, _), variables = jax.eval_shape(
+      model.init_with_output, jax.random.key(0), images, captions)
+  assert logits.shape == (1, 2, 3, VOCAB) and logits.dtype == jnp.float32
+  keys = variables['params']['decoder']['cell']['attend_features']['kernel']
+  assert keys.shape == (resnet.feature_dim(arch), 12)
+  for leaf in jax.tree.leaves(variables):
+    assert leaf.dtype == jnp.float32
+
+
+def test_build_rejects_bad_config():
+  config = model_config()
+  config.dtype = 'float64'
+  with pytest.raises(UserError, match='dtype'):
+    models.build_captioner(config, VOCAB)
+  with pytest.raises(UserError, match='arch'):
+    models.build_captioner(model_config(arch='resnet_huge'), VOCAB)
