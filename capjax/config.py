@@ -60,9 +60,10 @@ def defaults() -> ml_collections.ConfigDict:
   # BatchNorm uses its running statistics in training too (always true for a
   # frozen encoder).
   e.freeze_bn = True
-  # ImageNet weights: '' (random init), a file (.h5 / .keras from Keras
-  # applications, or a torchvision/timm .safetensors), or 'keras:imagenet'
-  # to download them with Keras.
+  # ImageNet weights: '' (random init); a file: .h5 / .keras from Keras
+  # applications (variant 'v1', normalization 'caffe') or a torchvision/timm
+  # .safetensors (variant 'v1.5'); or a download: 'keras:imagenet' (Keras
+  # applications) or 'timm' / 'timm:TAG' (Hugging Face, needs huggingface_hub).
   e.pretrained = ''
   m.decoder = dc = ml_collections.ConfigDict()
   dc.embed_dim = 512  # Word embedding size.
