@@ -12,6 +12,9 @@ def defaults() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds shuffling, caption sampling, initialisation, dropout.
   config.batch_size = 64  # Global batch, in images (each with K captions).
+  # Data parallelism: 'jit' (jax.jit over a device mesh, the form JAX
+  # recommends) or 'pmap' (jax.pmap). Both run the same per-device step.
+  config.parallel = 'jit'
 
   config.data = d = ml_collections.ConfigDict()
   d.name = 'shapes'  # 'shapes', 'coco_captions' or 'caption_files'.
@@ -70,4 +73,36 @@ def defaults() -> ml_collections.ConfigDict:
   dc.hidden_dim = 512  # LSTM state size.
   dc.attention_dim = 512  # Size of the additive attention's hidden layer.
   dc.dropout = 0.5  # On the deep output layer's input (Xu et al. 2015).
+
+  config.train = t = ml_collections.ConfigDict()
+  t.num_steps = 100_000  # Training steps, each on one batch of batch_size images.
+  t.learning_rate = 4e-4  # Peak learning rate of the decoder (AdamW).
+  t.warmup_steps = 1_000  # Linear warm-up from 0 to the peak.
+  t.schedule = 'cosine'  # After warm-up: 'cosine' (to 0), 'step' or 'constant'.
+  t.step_every_steps = 20_000  # 'step' schedule: multiply by step_factor
+  t.step_factor = 0.8  # every step_every_steps steps.
+  t.weight_decay = 0.0  # AdamW's decoupled decay, on weight matrices only.
+  t.b2 = 0.999  # Adam's second-moment decay.
+  t.grad_clip_norm = 5.0  # Clip the global gradient norm (0: no clipping).
+  # Average the gradients of this many batches per optimizer update; the
+  # schedules below then count updates, not batches.
+  t.grad_accum_steps = 1
+  t.label_smoothing = 0.0  # Cross-entropy label smoothing.
+  # lambda of the doubly stochastic attention penalty (Xu et al. 2015, eq. 14),
+  # on the mean over positions rather than the sum, so that it does not
+  # grow with the grid size.
+  t.attention_penalty = 1.0
+  # A trainable encoder (model.encoder.frozen=False) starts learning at this
+  # step, with its own peak learning rate and the same schedule.
+  t.encoder_learning_rate = 1e-5
+  t.encoder_from_step = 0
+  t.log_every_steps = 50  # Train metrics are fetched from the device this often.
+  t.checkpoint_every_steps = 1_000
+  t.keep_checkpoints = 3  # The latest N, plus the best by validation.
+  t.profile = False  # Capture a JAX profile of a few steps early on.
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.every_steps = 1_000  # Validation loss, sample captions, best checkpoint.
+  ev.num_batches = -1  # Validation batches per evaluation; -1: the whole split.
+  ev.num_samples = 4  # Validation images captioned (greedy) in the logs.
   return config

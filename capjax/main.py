@@ -3,6 +3,7 @@
     python -m capjax.main --config=configs/shapes.py --workdir=runs/shapes
 """
 
+import logging as py_logging
 import sys
 
 from absl import app
@@ -25,16 +26,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def run(config, workdir: str, mode: str) -> None:
-  from capjax.data import prepare  # pylint: disable=g-import-not-at-top
-  data = prepare.prepare(config, workdir, force=mode == 'prepare')
-  if mode == 'train':
-    from capjax.data import pipeline  # pylint: disable=g-import-not-at-top
-    source = data.builder.as_data_source(config.data.train_split)
-    batch = next(iter(pipeline.train_dataset(config, source, data.vocab)))
-    logging.info('First training batch: %s', {
-        k: (v.shape, v.dtype.name) for k, v in batch.items()})
-    logging.info('Dataset and vocabulary are ready in %s; training arrives '
-                 'with the model and the train step.', workdir)
+  if mode == 'prepare':
+    from capjax.data import prepare  # pylint: disable=g-import-not-at-top
+    prepare.prepare(config, workdir, force=True)
+  elif mode == 'train':
+    from capjax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, workdir)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -49,7 +46,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'capjax: error: bad --config override: {message}')
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Drops the INFO lines orbax and TFDS write for every save and read."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(
+        f'/{lib}/' in record.pathname
+        for lib in ('orbax', 'tensorflow_datasets', 'grain'))
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.info('JAX process %d of %d; local devices: %s', jax.process_index(),

@@ -14,4 +14,19 @@ def get_config():
   d.min_count = 1
   d.read_threads = 2
   d.prefetch_buffer_size = 16
+  m = config.model
+  m.encoder.arch = 'resnet_tiny'
+  m.encoder.frozen = False
+  m.encoder.freeze_bn = False
+  m.decoder.embed_dim = m.decoder.hidden_dim = m.decoder.attention_dim = 16
+  t = config.train
+  t.num_steps = 6
+  t.warmup_steps = 2
+  t.learning_rate = 1e-3
+  t.encoder_learning_rate = 1e-3
+  t.log_every_steps = 2
+  t.checkpoint_every_steps = 3
+  config.eval.every_steps = 3
+  config.eval.num_batches = 2
+  config.eval.num_samples = 2
   return config

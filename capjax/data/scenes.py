@@ -38,7 +38,7 @@ HELD_OUT = frozenset({
 _GRID = 3
 _MAX_OBJECTS = 4
 # Fraction of a grid cell an object's bounding box spans, per size.
-_SIZE_FRACTION = {'small': (0.38, 0.5), 'large': (0.72, 0.9)}
+_SIZE_FRACTION = {'small': (0.45, 0.55), 'large': (0.78, 0.92)}
 
 # Grammar. Each entry is a list of interchangeable words.
 _SHAPE_WORDS = {

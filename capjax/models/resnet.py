@@ -68,6 +68,10 @@ ARCHS: dict[str, ArchSpec] = {
     # Small enough for unit tests and CPU training on `shapes`: one
     # bottleneck block per stage, 8 channels wide (256 output channels).
     'resnet_tiny': ArchSpec((1, 1, 1, 1), bottleneck=True, width=8),
+    # The `shapes` encoder, trained from scratch on a CPU: three stages of
+    # basic blocks, so the grid is 1/16 of the image (4x4 at 64 px), fine
+    # enough to tell apart the 3x3 layout of a scene.
+    'resnet_small': ArchSpec((1, 1, 1), bottleneck=False, width=32),
     'resnet18': ArchSpec((2, 2, 2, 2), bottleneck=False),
     'resnet34': ArchSpec((3, 4, 6, 3), bottleneck=False),
     'resnet50': ArchSpec((3, 4, 6, 3), bottleneck=True),
@@ -88,8 +92,10 @@ def arch_spec(arch: str) -> ArchSpec:
 def feature_dim(arch: str) -> int:
   """Channels of the feature grid `arch` returns (512 or 2048 at width 64)."""
   spec = arch_spec(arch)
-  # The last stage is 8x the stem width (64, 128, 256, 512 at width 64).
-  return spec.width * 8 * (_EXPANSION if spec.bottleneck else 1)
+  # Each stage doubles the width: the last of four is 8x the stem's (64,
+  # 128, 256, 512 at width 64).
+  last = spec.width * 2**(len(spec.stage_sizes) - 1)
+  return last * (_EXPANSION if spec.bottleneck else 1)
 
 
 class BasicBlock(nn.Module):
@@ -234,7 +240,7 @@ class ResNet(nn.Module):
             strides=2 if s > 0 and b == 0 else 1,
             variant=self.variant, conv=conv, norm=norm,
             name=f'stage{s + 1}_block{b}')(x)
-    # x: [batch, H / 32, W / 32, feature_dim]
+    # x: [batch, H / 32, W / 32, feature_dim] (H / 16 with three stages)
     if self.num_classes is None:
       return x
     x = jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,157 @@
+"""Checkpoints: model state, data iterator and metadata in one orbax step.
+
+Each step directory holds three items, written together (and atomically, by
+orbax's finalisation) so that a resumed run continues exactly:
+
+  state  the TrainState (params, batch_stats, opt_state, step)
+  data   the grain iterator's position (one file per process)
+  meta   the model config and vocabulary the state belongs to
+
+The latest `train.keep_checkpoints` steps are kept, plus the one with the
+best validation metric.
+"""
+
+import hashlib
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+from jax.experimental import multihost_utils as multihost
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as managers
+
+from capjax.data.vocab import Vocab
+from capjax.errors import UserError
+
+# The validation metric that picks the best checkpoint, and whether higher
+# is better.
+BEST_METRIC = ('val_loss', False)
+
+
+def meta(config: ml_collections.ConfigDict, vocab: Vocab) -> dict[str, Any]:
+  """What a state is only valid with: its model and its vocabulary."""
+  return {
+      'model': config.model.to_dict(),
+      'vocab': {'size': len(vocab), 'sha256': hashlib.sha256(
+          '\n'.join(vocab.words).encode()).hexdigest()},
+  }
+
+
+def _differences(saved: Any, current: Any, prefix: str = '') -> list[str]:
+  if isinstance(saved, dict) and isinstance(current, dict):
+    out = []
+    for key in sorted(set(saved) | set(current)):
+      out += _differences(saved.get(key), current.get(key),
+                          f'{prefix}.{key}' if prefix else key)
+    return out
+  return [] if saved == current else [f'{prefix}: {saved!r} -> {current!r}']
+
+
+class Checkpoints:
+  """An orbax CheckpointManager for `DIR/checkpoints`."""
+
+  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+    t = config.train
+    metric, higher_is_better = BEST_METRIC
+    policy = managers.AnyPreservationPolicy([
+        managers.LatestN(n=t.keep_checkpoints),
+        managers.BestN(get_metric_fn=lambda m: m[metric],
+                       reverse=not higher_is_better, n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    self.directory = directory
+    self.manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=policy, create=True,
+            enable_async_checkpointing=True))
+
+  def save(self, step: int, state: Any, iterator: grain.DatasetIterator,
+           meta_data: dict[str, Any],
+           metrics: dict[str, float] | None = None) -> None:
+    """Starts writing `step` in the background; see `wait`."""
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta_data)),
+        metrics=metrics, force=True)
+
+  def restore(self, abstract_state: Any, iterator: grain.DatasetIterator,
+              meta_data: dict[str, Any]) -> tuple[Any, int] | None:
+    """(state, step) of the newest readable checkpoint, or None if none.
+
+    The iterator is moved to where that step left it. A checkpoint that
+    cannot be read is skipped with a warning (the previous one is tried);
+    one made for another model or vocabulary is an error.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    unreadable = []
+    for step in steps:
+      try:
+        saved = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+      except Exception as e:  # pylint: disable=broad-except
+        if not self._has_item(step, 'meta'):
+          raise UserError(
+              f'{self.directory} holds checkpoints that capjax did not write '
+              f'(step {step} has no capjax metadata); use a new --workdir'
+          ) from None
+        logging.warning('Checkpoint %d is unreadable (%s); trying the one '
+                        'before.', step, _first_line(e))
+        unreadable.append(step)
+        continue
+      differences = _differences(saved, meta_data)
+      if differences:
+        raise UserError(
+            f'the checkpoints in {self.directory} belong to another model or '
+            f'vocabulary ({"; ".join(differences[:5])}); use a new --workdir '
+            'or set the config back')
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(iterator)))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint %d is unreadable (%s); trying the one '
+                        'before.', step, _first_line(e))
+        unreadable.append(step)
+        continue
+      self._set_aside(unreadable)
+      logging.info('Restored step %d from %s.', step, self.directory)
+      return restored['state'], step
+    raise UserError(f'no checkpoint in {self.directory} could be read (tried '
+                    f'steps {steps}); see the warnings above')
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames unreadable steps, so the resumed run can write them again.
+
+    Renamed, not deleted: whatever is left of them stays for inspection.
+    """
+    for step in steps:
+      if jax.process_index() == 0:
+        target = self.manager.directory / f'unreadable-{step}'
+        (self.manager.directory / str(step)).rename(target)
+        logging.warning('Moved unreadable checkpoint %d to %s.', step, target)
+    if steps:
+      multihost.sync_global_devices('capjax_set_aside_checkpoints')
+      self.manager.reload()
+
+  def _has_item(self, step: int, item: str) -> bool:
+    path = self.manager.directory / str(step) / item
+    return path.exists()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,135 @@
+"""Data parallelism: one per-device step, two wrappers.
+
+The train and eval steps are written once, for one device's share of the
+batch, with collectives over the axis `AXIS` (`lax.pmean`, `lax.psum`). Two
+wrappers run them on every device of every process:
+
+  * 'jit' (the form JAX recommends): `jax.jit` of `jax.shard_map` over a 1-D
+    mesh of all devices. The state is replicated (`P()`), the batch split
+    along its first axis (`P('data')`) and assembled from each process's
+    local batch with `jax.make_array_from_process_local_data`.
+  * 'pmap': `jax.pmap` over the local devices; the state carries a leading
+    axis of one replica per local device, the batch [devices, per_device, ...].
+
+Both keep the state in the same canonical form outside the loop (one copy,
+what checkpoints hold), and `Parallel.put_state` / `get_state` convert.
+"""
+
+from collections.abc import Callable
+import functools
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from capjax.errors import UserError
+
+AXIS = 'data'
+KINDS = ('jit', 'pmap')
+
+
+class Parallel:
+  """Places states and batches, and wraps per-device steps, for one kind."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    if config.parallel not in KINDS:
+      raise UserError(f'unknown --config.parallel={config.parallel!r}; choose '
+                      f'one of {", ".join(KINDS)}')
+    if config.batch_size % jax.device_count():
+      raise UserError(
+          f'--config.batch_size={config.batch_size} is not divisible by the '
+          f'{jax.device_count()} devices; use a multiple of '
+          f'{jax.device_count()}')
+    self.kind = config.parallel
+    self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+
+  # --- The state. ---------------------------------------------------------
+
+  def put_state(self, state: Any) -> Any:
+    """Canonical state -> the form the wrapped step takes."""
+    if self.kind == 'jit':
+      return jax.device_put(state, self.replicated)
+    n = jax.local_device_count()
+    # pmap copies each replica to its device on the first call.
+    return jax.tree.map(lambda x: _stack(_local(x), n), state)
+
+  def get_state(self, state: Any) -> Any:
+    """The wrapped step's state -> canonical (the first replica for pmap)."""
+    if self.kind == 'jit':
+      return state
+    return jax.tree.map(lambda x: x[0], state)
+
+  # --- Batches. -----------------------------------------------------------
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """This process's batch -> the global batch of the wrapped step."""
+    if self.kind == 'jit':
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(
+              self.batch_sharding, x), batch)
+    n = jax.local_device_count()
+    return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+
+  # --- Steps. -------------------------------------------------------------
+
+  def step(self, fn: Callable[..., Any], donate_state: bool = True,
+           batch_argnums: tuple[int, ...] = (1,)) -> Callable[..., Any]:
+    """Wraps `fn(state, batch, *rest) -> outputs`, written per device.
+
+    The state (argument 0) is in `put_state` form; arguments in
+    `batch_argnums` are split over devices (`put_batch` form); the others
+    (an rng) are the same everywhere. When `donate_state`, the first output
+    is the new state (same form) and the rest must be the same on every
+    device (reduced with `lax.pmean` / `psum`); otherwise all outputs must.
+    """
+    donate = (0,) if donate_state else ()
+    if self.kind == 'pmap':
+      mapped = jax.pmap(fn, axis_name=AXIS, donate_argnums=donate)
+
+      def call(*args):
+        n = jax.local_device_count()
+        # What is the same everywhere gets its device axis here.
+        args = [a if i == 0 or i in batch_argnums
+                else jax.tree.map(lambda x: _stack(x, n), a)
+                for i, a in enumerate(args)]
+        out = mapped(*args)
+        if donate_state:
+          return (out[0],) + tuple(jax.tree.map(lambda x: x[0], o)
+                                   for o in out[1:])
+        return jax.tree.map(lambda x: x[0], out)
+      return call
+
+    @functools.cache
+    def compiled(num_args):
+      in_specs = tuple(P(AXIS) if i in batch_argnums else P()
+                       for i in range(num_args))
+      # check_vma=False gives the step pmap's semantics: a gradient taken on
+      # one device is that device's own, and the step averages it with
+      # lax.pmean. (With the check on, JAX would already sum the gradients
+      # of the replicated parameters over devices, and the pmean would not
+      # undo that.) The step's outputs are replicated by its own pmean/psum.
+      return jax.jit(
+          jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs,
+                        out_specs=P(), check_vma=False),
+          donate_argnums=donate)
+
+    return lambda *args: compiled(len(args))(*args)
+
+
+def _local(x):
+  # A replicated global array -> this process's copy, for pmap.
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return x
+
+
+def _stack(x, n):
+  if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(
+        np.stack([jax.random.key_data(x)] * n), impl=jax.random.key_impl(x))
+  return np.stack([np.asarray(x)] * n)

@@ -1,0 +1,404 @@
+"""Training: the train state, the per-device train step, and the loop.
+
+`train_and_evaluate(config, workdir)` trains, evaluates and checkpoints; run
+again on the same workdir, it continues from the newest checkpoint exactly
+where it stopped (model, optimizer, data position, RNG), also after SIGTERM.
+"""
+
+import functools
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from capjax import decode
+from capjax import models
+from capjax import optimizer
+from capjax import parallel
+from capjax.data.vocab import PAD
+from capjax.errors import UserError
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [], optimizer steps taken
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------
+# The model and its state.
+# ----------------------------------------------------------------------------
+
+
+def _example_inputs(config: ml_collections.ConfigDict):
+  d = config.data
+  images = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32)
+  captions = jnp.zeros((1, d.captions_per_image, d.max_len), jnp.int32)
+  return images, captions
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                       tx: optax.GradientTransformation | None,
+                       rng: jax.Array, encoder_weights=None) -> TrainState:
+  """A fresh state: random init, then pretrained encoder weights if given."""
+  variables = model.init(rng, *_example_inputs(config))
+  params, batch_stats = variables['params'], variables['batch_stats']
+  if encoder_weights is not None:
+    params = dict(params, encoder=encoder_weights['params'])
+    batch_stats = dict(batch_stats, encoder=encoder_weights['batch_stats'])
+  tx = tx or optimizer.make(config, params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=batch_stats, opt_state=tx.init(params))
+
+
+def _bn_trains(config: ml_collections.ConfigDict) -> bool:
+  e = config.model.encoder
+  return not (e.frozen or e.freeze_bn)
+
+
+# ----------------------------------------------------------------------------
+# Loss and steps, written for one device's share of the batch.
+# ----------------------------------------------------------------------------
+
+
+def caption_losses(logits, captions, alphas, mask, label_smoothing: float):
+  """Per-device sums of the two loss terms and of what they average over.
+
+  Args:
+    logits: [B, K, T, V] for targets captions[..., 1:] (T = L - 1).
+    captions: int [B, K, L].
+    alphas: [B, K, T, P] attention weights.
+    mask: bool [B]: real images (evaluation pads with fake ones).
+    label_smoothing: cross-entropy label smoothing.
+
+  Returns:
+    Sums of token cross-entropy, correct tokens, tokens, the attention
+    penalty (1 - sum_t alpha_ti)^2 averaged over positions i (Xu et al.
+    2015, eq. 14), and captions.
+  """
+  targets = captions[..., 1:]  # [B, K, T]
+  weights = (targets != PAD) & mask[:, None, None]  # [B, K, T]
+  vocab = logits.shape[-1]
+  if label_smoothing:
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab),
+                                 label_smoothing)
+    ce = optax.softmax_cross_entropy(logits, labels)  # [B, K, T]
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets) & weights
+  attention = jnp.sum(alphas * weights[..., None], axis=2)  # [B, K, P]
+  penalty = jnp.mean((1.0 - attention) ** 2, axis=-1)  # [B, K]
+  captions_valid = jnp.broadcast_to(mask[:, None], penalty.shape)
+  return {
+      'ce': jnp.sum(ce * weights),
+      'correct': jnp.sum(correct),
+      'tokens': jnp.sum(weights),
+      'penalty': jnp.sum(penalty * captions_valid),
+      'captions': jnp.sum(captions_valid),
+  }
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+               *, model: nn.Module, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on this device's share of the global batch.
+
+  The loss is normalised by the global token and caption counts, so the
+  gradient averaged over devices is exactly that of one device holding the
+  whole batch. A step whose loss or gradient is not finite leaves the state
+  unchanged and is flagged in the metrics, so no checkpoint ever holds one.
+  """
+  t = config.train
+  # A pure function of (seed, step, device): resumes exactly.
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
+                           jax.lax.axis_index(parallel.AXIS))
+  num_devices = jax.lax.psum(1, parallel.AXIS)
+  bn_trains = _bn_trains(config)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    (logits, alphas), updates = model.apply(
+        variables, batch['image'], batch['captions'], train=True,
+        rngs={'dropout': rng}, mutable=['batch_stats'] if bn_trains else [])
+    sums = caption_losses(logits, batch['captions'], alphas, batch['mask'],
+                          t.label_smoothing)
+    totals = jax.lax.psum({k: sums[k] for k in ('tokens', 'captions')},
+                          parallel.AXIS)
+    ce = sums['ce'] / totals['tokens']
+    penalty = sums['penalty'] / totals['captions']
+    # pmean of the gradients of (n * local share) = gradient of the total.
+    loss = num_devices * (ce + t.attention_penalty * penalty)
+    return loss, (sums, updates)
+
+  grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, parallel.AXIS)
+  sums = jax.lax.psum(sums, parallel.AXIS)
+  updates_tx, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates_tx)
+  batch_stats = state.batch_stats
+  if bn_trains:
+    # Each device normalised its own share; keep one average of the stats.
+    batch_stats = jax.lax.pmean(updates['batch_stats'], parallel.AXIS)
+  grad_norm = optax.tree.norm(grads)
+  ce = sums['ce'] / sums['tokens']
+  penalty = sums['penalty'] / sums['captions']
+  loss = ce + t.attention_penalty * penalty
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = TrainState(step=state.step + 1, params=params,
+                   batch_stats=batch_stats, opt_state=opt_state)
+  state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
+                       state.replace(step=state.step + 1))
+  metrics = {
+      'loss': loss, 'cross_entropy': ce, 'attention_penalty': penalty,
+      'token_accuracy': sums['correct'] / sums['tokens'],
+      'grad_norm': grad_norm, 'nonfinite': ~finite,
+  }
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+              model: nn.Module, config: ml_collections.ConfigDict
+              ) -> dict[str, jax.Array]:
+  """Summed validation losses of this batch (padding rows masked)."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits, alphas = model.apply(variables, batch['image'], batch['captions'])
+  sums = caption_losses(logits, batch['captions'], alphas, batch['mask'],
+                        config.train.label_smoothing)
+  return jax.lax.psum(sums, parallel.AXIS)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+
+
+class _Preemption:
+  """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _learning_rate(config, step: int) -> float:
+  t = config.train
+  return float(optimizer.learning_rate(config, t.learning_rate)(
+      step // max(t.grad_accum_steps, 1)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint."""
+  # The loop's own dependencies (TFDS, grain, clu) load here, so that the
+  # steps above import on machines that have only jax, flax and optax.
+  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers
+  from clu import periodic_actions
+  from capjax import checkpoint as checkpoint_lib
+  from capjax import pretrained
+  from capjax.data import datasets
+  from capjax.data import pipeline
+  from capjax.data import prepare
+  # pylint: enable=g-import-not-at-top
+
+  t = config.train
+  is_chief = jax.process_index() == 0
+  # ---------------------------------------------------------------- input
+  data = prepare.prepare(config, workdir)
+  par = parallel.Parallel(config)
+  train_source = datasets.data_source(data.builder, config.data.train_split)
+  eval_source = datasets.data_source(data.builder, config.data.eval_split)
+  train_iter = iter(pipeline.train_dataset(config, train_source, data.vocab))
+
+  # ---------------------------------------------------------------- model
+  model = models.build_captioner(config.model, len(data.vocab))
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  abstract = jax.eval_shape(
+      functools.partial(create_train_state, config, model, None), init_rng)
+  tx = optimizer.make(config, abstract.params)
+  meta = checkpoint_lib.meta(config, data.vocab)
+
+  # ----------------------------------------------------------- checkpoint
+  checkpoints = checkpoint_lib.Checkpoints(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'), config)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=par.replicated), abstract)
+  restored = checkpoints.restore(abstract, train_iter, meta)
+  if restored:
+    state, start = restored
+  else:
+    start = 0
+    encoder_weights = None
+    if config.model.encoder.pretrained:
+      encoder_abstract = {'params': abstract.params['encoder'],
+                          'batch_stats': abstract.batch_stats['encoder']}
+      encoder_weights = pretrained.load_encoder_weights(
+          config.model.encoder, encoder_abstract)
+    state = jax.jit(functools.partial(create_train_state, config, model, tx),
+                    out_shardings=par.replicated)(init_rng, encoder_weights)
+  if start >= t.num_steps:
+    logging.info('Already trained to step %d of %d.', start, t.num_steps)
+
+  # -------------------------------------------------------------- logging
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=not is_chief, asynchronous=True)
+  if start == 0:
+    writer.write_hparams(_flat(config.to_dict()))
+  hooks = [periodic_actions.ReportProgress(num_train_steps=t.num_steps,
+                                           writer=writer)]
+  if t.profile and is_chief:
+    hooks.append(periodic_actions.Profile(num_profile_steps=5,
+                                          logdir=workdir))
+
+  # --------------------------------------------------------------- update
+  p_train = par.step(functools.partial(train_step, model=model, tx=tx,
+                                       config=config))
+  p_eval = par.step(functools.partial(eval_step, model=model, config=config),
+                    donate_state=False)
+  greedy = jax.jit(functools.partial(decode.greedy, model,
+                                     max_len=config.data.max_len))
+  state = par.put_state(state)
+
+  # ----------------------------------------------------------------- loop
+  preemption = _Preemption()
+  pending = []  # Device metrics of the steps since the last fetch.
+  since = time.perf_counter()
+  step = start
+  try:
+    with metric_writers.ensure_flushes(writer):
+      while step < t.num_steps:
+        step += 1
+        batch = par.put_batch(next(train_iter))
+        state, metrics = p_train(state, batch, step_rng)
+        pending.append(metrics)
+        for hook in hooks:
+          hook(step)
+        last = step == t.num_steps
+        stop = preemption.signal is not None
+        save = last or stop or step % t.checkpoint_every_steps == 0
+        evaluate = config.eval.num_batches != 0 and (
+            last or step % config.eval.every_steps == 0)
+        if save or evaluate or step % t.log_every_steps == 0:
+          now = time.perf_counter()
+          _write_train_metrics(writer, config, step, pending, now - since)
+          pending, since = [], now
+        eval_metrics = None
+        if evaluate:
+          eval_metrics = _evaluate(config, par, p_eval, greedy, state,
+                                   eval_source, data.vocab, writer, step)
+        if save:
+          checkpoints.save(step, par.get_state(state), train_iter, meta,
+                           eval_metrics)
+        if save or evaluate:
+          since = time.perf_counter()  # examples/s counts training only.
+        if stop:
+          logging.warning('%s received: saved step %d, stopping.',
+                          preemption.signal, step)
+          break
+  finally:
+    preemption.restore()
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+  logging.info('Checkpoints in %s; logs (TensorBoard) in %s.',
+               checkpoints.directory, os.path.abspath(workdir))
+  return par.get_state(state)
+
+
+def _write_train_metrics(writer, config, step: int, pending: list,
+                         seconds: float | None = None) -> None:
+  """Fetches the metrics of `pending` steps (one host sync) and logs them."""
+  if not pending:
+    return
+  fetched = jax.device_get(pending)
+  first = step - len(fetched) + 1
+  bad = [first + i for i, m in enumerate(fetched) if m['nonfinite']]
+  if bad:
+    raise UserError(
+        f'the loss or gradient became NaN/Inf at step {bad[0]}; that update '
+        'was not applied and the last checkpoint is intact. Lower '
+        '--config.train.learning_rate or set --config.train.grad_clip_norm')
+  means = {k: float(np.mean([m[k] for m in fetched]))
+           for k in fetched[0] if k != 'nonfinite'}
+  means['learning_rate'] = _learning_rate(config, step)
+  if seconds:
+    means['examples_per_sec'] = config.batch_size * len(fetched) / seconds
+  writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+
+
+def _evaluate(config, par, p_eval, greedy, state, source, vocab, writer,
+              step: int) -> dict[str, float]:
+  from capjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  ev = config.eval
+  totals = None
+  samples = None
+  for i, batch in enumerate(pipeline.eval_dataset(config, source, vocab)):
+    if i == ev.num_batches:
+      break
+    if samples is None and ev.num_samples:
+      samples = _sample_captions(par, greedy, state, batch, vocab,
+                                 ev.num_samples)
+    sums = jax.device_get(p_eval(state, par.put_batch(batch)))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  metrics = {
+      'val_loss': float(totals['ce'] / totals['tokens'] +
+                        config.train.attention_penalty *
+                        totals['penalty'] / totals['captions']),
+      'val_cross_entropy': float(totals['ce'] / totals['tokens']),
+      'val_token_accuracy': float(totals['correct'] / totals['tokens']),
+  }
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  if samples:
+    writer.write_texts(step, {'eval/samples': '\n\n'.join(samples)})
+    for line in samples:
+      logging.info('Sample: %s', line.replace('\n', ' | '))
+  return metrics
+
+
+def _sample_captions(par, greedy, state, batch, vocab, n: int) -> list[str]:
+  """Greedy captions of the first `n` images of a local batch, with refs."""
+  n = min(n, int(batch['mask'].sum()))
+  variables = par.get_state(state)
+  tokens, _ = greedy({'params': variables.params,
+                      'batch_stats': variables.batch_stats},
+                     jnp.asarray(batch['image'][:n]))
+  tokens = jax.device_get(tokens)
+  return [f'image {int(batch["image/id"][i])}: {vocab.decode(tokens[i])}\n'
+          f'reference: {vocab.decode(batch["captions"][i, 0, 1:])}'
+          for i in range(n)]
+
+
+def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out

@@ -1,0 +1,297 @@
+"""The train step, its two data-parallel wrappers, and the training job."""
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from capjax import models
+from capjax import optimizer
+from capjax import parallel
+from capjax import train
+from capjax.data import vocab as vocab_lib
+from capjax.errors import UserError
+from conftest import REPO
+
+VOCAB_SIZE = 12
+
+
+def _step_config(test_config, kind='jit'):
+  config = test_config
+  config.parallel = kind
+  config.batch_size = 16
+  config.data.captions_per_image = 2
+  config.data.max_len = 7
+  # Deterministic per device count: no dropout, BatchNorm on running stats.
+  config.model.decoder.dropout = 0.0
+  config.model.encoder.freeze_bn = True
+  return config
+
+
+def _batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, k, l = config.batch_size, config.data.captions_per_image, config.data.max_len
+  captions = rng.integers(4, VOCAB_SIZE, (b, k, l)).astype(np.int32)
+  captions[..., 0] = vocab_lib.BOS
+  lengths = rng.integers(2, l, (b, k))
+  for i in range(b):
+    for j in range(k):
+      captions[i, j, lengths[i, j]] = vocab_lib.EOS
+      captions[i, j, lengths[i, j] + 1:] = vocab_lib.PAD
+  size = config.data.image_size
+  return {'image': rng.normal(size=(b, size, size, 3)).astype(np.float32),
+          'captions': captions, 'mask': np.ones(b, bool),
+          'image/id': np.arange(b)}
+
+
+def _init(config):
+  model = models.build_captioner(config.model, VOCAB_SIZE)
+  state = jax.jit(functools.partial(train.create_train_state, config, model,
+                                    None))(jax.random.key(0))
+  tx = optimizer.make(config, state.params)
+  return model, tx, state
+
+
+def test_caption_losses():
+  logits = jnp.zeros((2, 1, 3, 5))  # Uniform over 5 words.
+  captions = jnp.array([[[1, 4, 2, 0]], [[1, 4, 4, 2]]])
+  alphas = jnp.full((2, 1, 3, 2), 0.5)  # Two positions, half each.
+  mask = jnp.array([True, False])  # The second image is padding.
+  sums = train.caption_losses(logits, captions, alphas, mask, 0.0)
+  assert int(sums['tokens']) == 2 and int(sums['captions']) == 1
+  np.testing.assert_allclose(sums['ce'], 2 * np.log(5), rtol=1e-6)
+  # Two valid steps of 0.5 per position: sum_t alpha = 1, no penalty.
+  np.testing.assert_allclose(sums['penalty'], 0.0, atol=1e-7)
+  alphas = alphas.at[0, 0, :, 0].set(1.0).at[0, 0, :, 1].set(0.0)
+  sums = train.caption_losses(logits, captions, alphas, mask, 0.0)
+  np.testing.assert_allclose(sums['penalty'], ((1 - 2) ** 2 + 1) / 2)
+
+
+def _single_device_run(config, model, tx, state, batches, rng):
+  """The reference: one device holding the whole global batch."""
+  step = jax.jit(jax.vmap(
+      functools.partial(train.train_step, model=model, tx=tx, config=config),
+      in_axes=(None, 0, None), out_axes=0, axis_name=parallel.AXIS))
+  for batch in batches:
+    out, _ = step(state, jax.tree.map(lambda x: x[None], batch), rng)
+    state = jax.tree.map(lambda x: x[0], out)
+  return state
+
+
+@pytest.mark.parametrize('kind', ['jit', 'pmap'])
+def test_data_parallel_equals_one_device(test_config, kind):
+  assert jax.device_count() == 8
+  config = _step_config(test_config, kind)
+  model, _, state = _init(config)
+  # Plain SGD: Adam divides by the gradients' own scale, which turns float
+  # rounding (sums in another order on 8 devices) into visible differences
+  # for parameters whose gradients are nearly zero.
+  tx = optax.sgd(0.05)
+  state = state.replace(opt_state=tx.init(state.params))
+  initial = jax.tree.map(np.array, state.params)  # The step donates `state`.
+  batches = [_batch(config, seed) for seed in range(3)]
+  rng = jax.random.key(1)
+  want = _single_device_run(config, model, tx, state, batches, rng)
+
+  par = parallel.Parallel(config)
+  step = par.step(functools.partial(train.train_step, model=model, tx=tx,
+                                    config=config))
+  got = par.put_state(state)
+  for batch in batches:
+    got, metrics = step(got, par.put_batch(batch), rng)
+  got = par.get_state(got)
+  assert int(got.step) == 3 and not bool(metrics['nonfinite'])
+  # The encoder trains too (frozen=False), so every parameter is compared.
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                       initial, want.params)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5,
+                                                       atol=2e-6),
+               got.params, want.params)
+
+
+def test_step_compiles_once(test_config):
+  config = _step_config(test_config)
+  model, tx, state = _init(config)
+  traces = []
+
+  def counted(*args):
+    traces.append(1)
+    return train.train_step(*args, model=model, tx=tx, config=config)
+  par = parallel.Parallel(config)
+  step = par.step(counted)
+  state = par.put_state(state)
+  for seed in range(3):
+    state, _ = step(state, par.put_batch(_batch(config, seed)),
+                    jax.random.key(0))
+  assert len(traces) == 1
+
+
+def test_nonfinite_step_is_skipped_and_stops_the_job(test_config):
+  config = _step_config(test_config)
+  model, tx, state = _init(config)
+  par = parallel.Parallel(config)
+  step = par.step(functools.partial(train.train_step, model=model, tx=tx,
+                                    config=config))
+  batch = _batch(config)
+  batch['image'][0, 0, 0, 0] = np.nan
+  before = jax.tree.map(np.array, state.params)
+  new, metrics = step(par.put_state(state), par.put_batch(batch),
+                      jax.random.key(0))
+  assert bool(metrics['nonfinite']) and int(new.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, new.params, before)
+
+  class Writer:
+    def write_scalars(self, *args):
+      raise AssertionError('no metrics are written for a failed step')
+  with pytest.raises(UserError, match='NaN/Inf at step 12'):
+    train._write_train_metrics(
+        Writer(), config, 12, [{'nonfinite': np.bool_(True),
+                                'loss': np.float32(np.nan)}])
+
+
+def test_batch_must_divide_over_devices(test_config):
+  test_config.batch_size = 12
+  with pytest.raises(UserError, match='not divisible by the 8 devices'):
+    parallel.Parallel(test_config)
+
+
+def _params(workdir):
+  """The newest checkpoint's parameters, read back from disk."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  manager.close()
+  return step, restored['state']['params']
+
+
+def _assert_same(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_resume_is_bit_exact(test_config, tmp_path):
+  test_config.train.num_steps = 6
+  straight = train.train_and_evaluate(test_config, str(tmp_path / 'a'))
+  test_config.train.num_steps = 3
+  train.train_and_evaluate(test_config, str(tmp_path / 'b'))
+  test_config.train.num_steps = 6
+  resumed = train.train_and_evaluate(test_config, str(tmp_path / 'b'))
+  assert int(resumed.step) == 6
+  _assert_same(straight.params, resumed.params)
+  _assert_same(straight.opt_state, resumed.opt_state)
+  assert _params(str(tmp_path / 'b'))[0] == 6
+
+  # Another model in the same workdir: refused, and nothing is touched.
+  test_config.model.decoder.hidden_dim = 24
+  with pytest.raises(UserError, match='model.decoder.hidden_dim: 16 -> 24'):
+    train.train_and_evaluate(test_config, str(tmp_path / 'b'))
+  assert sorted(os.listdir(tmp_path / 'b' / 'checkpoints')) == ['3', '6']
+
+
+def test_corrupted_latest_falls_back_to_the_previous(test_config, tmp_path):
+  test_config.train.num_steps = 6
+  train.train_and_evaluate(test_config, str(tmp_path))
+  ckpt = tmp_path / 'checkpoints'
+  for path in (ckpt / '6' / 'state').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'garbage')
+  test_config.train.num_steps = 7
+  state = train.train_and_evaluate(test_config, str(tmp_path))
+  assert int(state.step) == 7  # From step 3, not from scratch.
+  # The unreadable step is set aside, not deleted, and step 6 is redone.
+  assert sorted(os.listdir(ckpt)) == ['3', '6', '7', 'unreadable-6']
+  assert (ckpt / 'unreadable-6' / 'state').is_dir()
+
+
+def test_foreign_checkpoint_directory(test_config, tmp_path):
+  (tmp_path / 'checkpoints' / '5' / 'model').mkdir(parents=True)
+  (tmp_path / 'checkpoints' / '5' / 'model' / 'weights.bin').write_bytes(b'x')
+  with pytest.raises(UserError, match='capjax did not write'):
+    train.train_and_evaluate(test_config, str(tmp_path))
+  assert (tmp_path / 'checkpoints' / '5' / 'model' / 'weights.bin').exists()
+
+
+def _job(workdir, data_dir, steps, *extra):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'capjax.main', '--config=configs/test.py',
+       f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+       f'--config.train.num_steps={steps}', '--config.train.log_every_steps=1',
+       # The cosine decay depends on num_steps, which differs between the
+       # interrupted run and the reference; a constant rate does not.
+       '--config.train.schedule=constant',
+       '--config.train.checkpoint_every_steps=1000',
+       '--config.eval.every_steps=1000', *extra],
+      cwd=REPO, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigterm_saves_and_resumes_exactly(shapes_data_dir, tmp_path):
+  job = _job(tmp_path / 'run', shapes_data_dir, 1000)
+  # Preempt once training is under way.
+  lines = []
+  deadline = time.time() + 240
+  for line in job.stderr:
+    lines.append(line)
+    if '[3] train/loss' in line.replace('train/attention', 'train/loss'):
+      break
+    assert time.time() < deadline, ''.join(lines[-20:])
+  job.send_signal(signal.SIGTERM)
+  _, err = job.communicate(timeout=120)
+  assert job.returncode == 0, err[-3000:]
+  assert 'SIGTERM received: saved step' in err
+  stopped, _ = _params(str(tmp_path / 'run'))
+  assert 3 <= stopped < 1000
+  target = stopped + 2
+  resume = _job(tmp_path / 'run', shapes_data_dir, target)
+  straight = _job(tmp_path / 'straight', shapes_data_dir, target)
+  for p in (resume, straight):
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  step_a, a = _params(str(tmp_path / 'run'))
+  step_b, b = _params(str(tmp_path / 'straight'))
+  assert step_a == step_b == target
+  _assert_same(a, b)
+
+
+def test_coco_config_trains_on_mock_data(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from test_datasets import _coco_config, _coco_data_source  # pylint: disable=g-import-not-at-top
+  config = _coco_config()
+  config.batch_size = 8
+  config.model.encoder.arch = 'resnet_tiny'
+  for name in ('embed_dim', 'hidden_dim', 'attention_dim'):
+    config.model.decoder[name] = 16
+  config.train.num_steps = 2
+  config.eval.num_batches = 1
+  config.eval.num_samples = 1
+  # Mocked, "preparing" downloads nothing; TFDS's real call still runs.
+  config.data.prepare = True
+  with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2
+  # The COCO config keeps the encoder frozen: it has no optimizer state.
+  assert 'encoder' in state.params
+  leaves = jax.tree.leaves(state.opt_state)
+  n_decoder = len(jax.tree.leaves(state.params['decoder']))
+  assert len(leaves) <= 2 * n_decoder + 4
+
+
+def test_pmap_job_trains_evaluates_and_checkpoints(test_config, tmp_path):
+  test_config.parallel = 'pmap'
+  test_config.train.num_steps = 3
+  state = train.train_and_evaluate(test_config, str(tmp_path))
+  assert int(state.step) == 3
+  step, params = _params(str(tmp_path))
+  assert step == 3
+  _assert_same(params, state.params)
+  events = [f for f in os.listdir(tmp_path) if 'events' in f]
+  assert events  # TensorBoard summaries, with the eval metrics among them.
