@@ -71,7 +71,7 @@ ARCHS: dict[str, ArchSpec] = {
     # The `shapes` encoder, trained from scratch on a CPU: three stages of
     # basic blocks, so the grid is 1/16 of the image (4x4 at 64 px), fine
     # enough to tell apart the 3x3 layout of a scene.
-    'resnet_small': ArchSpec((1, 1, 1), bottleneck=False, width=32),
+    'resnet_small': ArchSpec((1, 1, 1), bottleneck=False, width=16),
     'resnet18': ArchSpec((2, 2, 2, 2), bottleneck=False),
     'resnet34': ArchSpec((3, 4, 6, 3), bottleneck=False),
     'resnet50': ArchSpec((3, 4, 6, 3), bottleneck=True),
