@@ -67,6 +67,15 @@ def test_feature_dim():
   for arch in ('resnet50', 'resnet101', 'resnet152'):
     assert resnet.feature_dim(arch) == 2048
   assert resnet.feature_dim('resnet_tiny') == 8 * 8 * 4
+  assert resnet.feature_dim('resnet_small') == 16 * 4  # Three stages.
+
+
+def test_three_stage_encoder_grid():
+  # The shapes encoder keeps a 1/16 grid: 4x4 at 64 px.
+  model = resnet.build('resnet_small')
+  out = jax.eval_shape(lambda x: model.init_with_output(
+      jax.random.key(0), x, train=False)[0], jnp.zeros((2, 64, 64, 3)))
+  assert out.shape == (2, 4, 4, 64)
 
 
 @pytest.mark.parametrize('arch,variant', [
@@ -142,7 +151,7 @@ def test_build_sets_epsilon_by_variant():
 
 
 def test_unknown_arch_and_variant():
-  with pytest.raises(UserError, match='resnet_tiny, resnet18.*resnet152'):
+  with pytest.raises(UserError, match='resnet_tiny, resnet_small, resnet18.*resnet152'):
     resnet.build('resnet51')
   with pytest.raises(UserError, match='resnet50'):
     resnet.feature_dim('vgg16')
