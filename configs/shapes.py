@@ -26,10 +26,12 @@ def get_config():
   m.decoder.embed_dim = 64
   m.decoder.hidden_dim = 128
   m.decoder.attention_dim = 64
-  m.decoder.dropout = 0.2
+  # No dropout: this small model underfits (train accuracy stayed below
+  # validation with 0.2), and 0.0 gave 75.3% vs 73.5% validation accuracy.
+  m.decoder.dropout = 0.0
 
   t = config.train
-  t.num_steps = 2_200  # About 7 epochs; 6 minutes on 2 CPU cores.
+  t.num_steps = 2_200  # About 7 epochs; under 7 minutes on 2 CPU cores.
   t.learning_rate = 3e-3
   t.encoder_learning_rate = 3e-3
   t.warmup_steps = 100
