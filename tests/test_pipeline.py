@@ -159,19 +159,20 @@ def test_batch_size_must_divide_over_processes():
                            process_index=0, process_count=1)
 
 
+def _train_iterator(config, source):
+  return iter(pipeline.train_dataset(config, source, VOCAB, process_index=0,
+                                     process_count=1))
+
+
 def test_iterator_state_restores_the_exact_next_batches():
   config = _config(batch_size=4)
   source = _source(10)  # Several epochs in 9 batches: crosses reshuffles.
-
-  def new_iterator():
-    return iter(pipeline.train_dataset(config, source, VOCAB,
-                                       process_index=0, process_count=1))
-  it = new_iterator()
+  it = _train_iterator(config, source)
   for _ in range(5):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # Survives serialisation.
   expected = [next(it) for _ in range(4)]
-  resumed = new_iterator()
+  resumed = _train_iterator(config, source)
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
@@ -222,11 +223,7 @@ def test_iterator_state_in_an_orbax_checkpoint(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = _config(batch_size=4)
   source = _source(10)
-
-  def new_iterator():
-    return iter(pipeline.train_dataset(config, source, VOCAB,
-                                       process_index=0, process_count=1))
-  it = new_iterator()
+  it = _train_iterator(config, source)
   for _ in range(3):
     next(it)
   with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
@@ -234,7 +231,7 @@ def test_iterator_state_in_an_orbax_checkpoint(tmp_path):
         data=grain.checkpoint.CheckpointSave(it)))
     manager.wait_until_finished()
   expected = [next(it) for _ in range(3)]
-  resumed = new_iterator()
+  resumed = _train_iterator(config, source)
   with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
     manager.restore(manager.latest_step(), args=ocp.args.Composite(
         data=grain.checkpoint.CheckpointRestore(resumed)))
