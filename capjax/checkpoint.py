@@ -12,6 +12,7 @@ best validation metric.
 """
 
 import hashlib
+import os
 from typing import Any
 
 from absl import logging
@@ -26,8 +27,8 @@ from capjax.data.vocab import Vocab
 from capjax.errors import UserError
 
 # The validation metric that picks the best checkpoint, and whether higher
-# is better.
-BEST_METRIC = ('val_loss', False)
+# is better: CIDEr-D of the captions decoded in validation.
+BEST_METRIC = ('val_CIDEr', True)
 
 
 def meta(config: ml_collections.ConfigDict, vocab: Vocab) -> dict[str, Any]:
@@ -52,7 +53,9 @@ def _differences(saved: Any, current: Any, prefix: str = '') -> list[str]:
 class Checkpoints:
   """An orbax CheckpointManager for `DIR/checkpoints`."""
 
-  def __init__(self, directory: str, config: ml_collections.ConfigDict):
+  def __init__(self, directory: str, config: ml_collections.ConfigDict,
+               create: bool = True):
+    """`create=False` for the decode jobs, which only read."""
     t = config.train
     metric, higher_is_better = BEST_METRIC
     policy = managers.AnyPreservationPolicy([
@@ -62,11 +65,18 @@ class Checkpoints:
                        keep_checkpoints_without_metrics=False),
     ])
     self.directory = directory
+    if not create and not os.path.isdir(directory):
+      raise UserError(f'no checkpoint in {directory}: train first '
+                      '(--mode=train with the same --workdir)')
     self.manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, create=True,
-            enable_async_checkpointing=True))
+            preservation_policy=policy, create=create,
+            enable_async_checkpointing=True,
+            # Without best_fn, orbax would not store the metrics that the
+            # BestN policy reads.
+            best_fn=lambda m: m[metric],
+            best_mode='max' if higher_is_better else 'min'))
 
   def save(self, step: int, state: Any, iterator: grain.DatasetIterator,
            meta_data: dict[str, Any],
@@ -126,6 +136,39 @@ class Checkpoints:
       return restored['state'], step
     raise UserError(f'no checkpoint in {self.directory} could be read (tried '
                     f'steps {steps}); see the warnings above')
+
+  def steps(self) -> list[int]:
+    """The saved steps, oldest first (re-read from disk)."""
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
+
+  def restore_state(self, abstract_state: Any, meta_data: dict[str, Any],
+                    step: int | None = None) -> tuple[Any, int]:
+    """(state, step) of `step` (default: the latest), for evaluation.
+
+    Only the state and its metadata are read: the data iterator's position
+    belongs to training.
+    """
+    steps = self.steps()
+    if not steps:
+      raise UserError(f'no checkpoint in {self.directory}: train first '
+                      '(--mode=train with the same --workdir)')
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise UserError(f'no checkpoint of step {step} in {self.directory}; '
+                      f'it has steps {", ".join(map(str, steps))}')
+    saved = self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+    differences = _differences(saved, meta_data)
+    if differences:
+      raise UserError(
+          f'checkpoint {step} in {self.directory} belongs to another model or '
+          f'vocabulary ({"; ".join(differences[:5])}); decode with the config '
+          'it was trained with')
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored['state'], step
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames unreadable steps, so the resumed run can write them again.

@@ -102,7 +102,32 @@ def defaults() -> ml_collections.ConfigDict:
   t.profile = False  # Capture a JAX profile of a few steps early on.
 
   config.eval = ev = ml_collections.ConfigDict()
-  ev.every_steps = 1_000  # Validation loss, sample captions, best checkpoint.
+  # Validation during training: loss, captions of the same images decoded with
+  # ev.beam_size, their BLEU/ROUGE-L/CIDEr-D, and the best checkpoint by CIDEr.
+  ev.every_steps = 1_000
   ev.num_batches = -1  # Validation batches per evaluation; -1: the whole split.
-  ev.num_samples = 4  # Validation images captioned (greedy) in the logs.
+  ev.beam_size = 1  # 1: greedy, the cheapest; see decode.* for the final test.
+  ev.num_samples = 4  # Validation captions shown in the logs.
+
+  # The decode job (--mode=decode, --mode=evaluate_continuously, and
+  # decode.after_training): beam search over a whole split, COCO-format
+  # results and metrics in WORKDIR/decode/.
+  config.decode = dc = ml_collections.ConfigDict()
+  dc.split = 'test'  # The split --mode=decode decodes (a TFDS split spec).
+  dc.checkpoint_step = -1  # The checkpoint it decodes; -1: the latest.
+  # Splits decoded with the final state at the end of --mode=train, comma
+  # separated ('' for none), e.g. 'test,test_novel' for shapes.
+  dc.after_training = ''
+  dc.batch_size = 0  # Global batch in images; 0: batch_size.
+  dc.beam_size = 3  # Beams per image; 1 is greedy decoding.
+  dc.alpha = 0.0  # GNMT length penalty exponent (0: plain log-probability).
+  dc.ban_unk = True  # Never generate <unk>.
+  dc.ban_repeated_trigrams = False  # Never repeat a word trigram.
+  # METEOR: 'auto' (the official Java METEOR 1.5 when Java is installed, else
+  # nltk's, reported as METEOR_nltk), 'java', 'nltk' or 'none'.
+  dc.meteor = 'auto'
+  # --mode=evaluate_continuously: look for new checkpoints this often, and
+  # stop after this long without one (or once the last step is decoded).
+  dc.poll_seconds = 60
+  dc.timeout_seconds = 3_600
   return config

@@ -19,9 +19,12 @@ config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/shapes.py.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for vocabulary, checkpoints, '
                     'logs and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'prepare'],
-                  'train: the main job. prepare: only build the dataset and '
-                  'vocabulary (e.g. download COCO once).')
+flags.DEFINE_enum(
+    'mode', 'train', ['train', 'decode', 'evaluate_continuously', 'prepare'],
+    'train: the main job. decode: caption and score --config.decode.split '
+    'with a checkpoint of --workdir. evaluate_continuously: decode each new '
+    'checkpoint as a training job writes it. prepare: only build the dataset '
+    'and vocabulary (e.g. download COCO once).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -32,6 +35,12 @@ def run(config, workdir: str, mode: str) -> None:
   elif mode == 'train':
     from capjax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
+  elif mode == 'decode':
+    from capjax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.decode_checkpoint(config, workdir)
+  elif mode == 'evaluate_continuously':
+    from capjax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate_continuously(config, workdir)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ import functools
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
@@ -92,18 +93,41 @@ class Parallel:
       mapped = jax.pmap(fn, axis_name=AXIS, donate_argnums=donate)
 
       def call(*args):
-        n = jax.local_device_count()
-        # What is the same everywhere gets its device axis here.
-        args = [a if i == 0 or i in batch_argnums
-                else jax.tree.map(lambda x: _stack(x, n), a)
-                for i, a in enumerate(args)]
-        out = mapped(*args)
+        out = mapped(*_pmap_args(args, batch_argnums))
         if donate_state:
           return (out[0],) + tuple(jax.tree.map(lambda x: x[0], o)
                                    for o in out[1:])
         return jax.tree.map(lambda x: x[0], out)
       return call
 
+    # The step's outputs are replicated by its own pmean/psum.
+    return self._shard_map(fn, batch_argnums, P(), donate)
+
+  def map(self, fn: Callable[..., Any],
+          batch_argnums: tuple[int, ...] = (1,)) -> Callable[..., Any]:
+    """Wraps `fn(state, batch, *rest) -> outputs`, one row per batch row.
+
+    Like `step`, but nothing is reduced across devices: each device computes
+    the rows of its own share (decoding), and the outputs are the global
+    batch's rows, split over devices; `fetch` brings them to the host.
+    """
+    if self.kind == 'pmap':
+      mapped = jax.pmap(fn, axis_name=AXIS)
+
+      def call(*args):
+        out = mapped(*_pmap_args(args, batch_argnums))
+        return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+      return call
+    return self._shard_map(fn, batch_argnums, P(AXIS), ())
+
+  def fetch(self, tree: Any) -> Any:
+    """Rows of the global batch (outputs of `map`, or process-local
+    batches) -> NumPy arrays of all of them, on every process."""
+    if jax.process_count() == 1:
+      return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+  def _shard_map(self, fn, batch_argnums, out_specs, donate):
     @functools.cache
     def compiled(num_args):
       in_specs = tuple(P(AXIS) if i in batch_argnums else P()
@@ -112,13 +136,22 @@ class Parallel:
       # one device is that device's own, and the step averages it with
       # lax.pmean. (With the check on, JAX would already sum the gradients
       # of the replicated parameters over devices, and the pmean would not
-      # undo that.) The step's outputs are replicated by its own pmean/psum.
+      # undo that.)
       return jax.jit(
           jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs,
-                        out_specs=P(), check_vma=False),
+                        out_specs=out_specs, check_vma=False),
           donate_argnums=donate)
 
     return lambda *args: compiled(len(args))(*args)
+
+
+def _pmap_args(args, batch_argnums):
+  # What is the same everywhere (not the state or a batch) gets its device
+  # axis here.
+  n = jax.local_device_count()
+  return [a if i == 0 or i in batch_argnums
+          else jax.tree.map(lambda x: _stack(x, n), a)
+          for i, a in enumerate(args)]
 
 
 def _local(x):

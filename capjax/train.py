@@ -5,6 +5,7 @@ again on the same workdir, it continues from the newest checkpoint exactly
 where it stopped (model, optimizer, data position, RNG), also after SIGTERM.
 """
 
+import dataclasses
 import functools
 import os
 import signal
@@ -21,7 +22,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from capjax import decode
 from capjax import models
 from capjax import optimizer
 from capjax import parallel
@@ -61,6 +61,17 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   tx = tx or optimizer.make(config, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=batch_stats, opt_state=tx.init(params))
+
+
+def abstract_state(config: ml_collections.ConfigDict, model: nn.Module,
+                   par: parallel.Parallel) -> TrainState:
+  """The state's shapes, dtypes and (replicated) shardings; no compute."""
+  abstract = jax.eval_shape(
+      functools.partial(create_train_state, config, model, None),
+      jax.random.key(0))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=par.replicated), abstract)
 
 
 def _bn_trains(config: ml_collections.ConfigDict) -> bool:
@@ -220,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   from clu import periodic_actions
   from capjax import checkpoint as checkpoint_lib
   from capjax import pretrained
+  from capjax import evaluate
   from capjax.data import datasets
   from capjax.data import pipeline
   from capjax.data import prepare
@@ -238,17 +250,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   model = models.build_captioner(config.model, len(data.vocab))
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  abstract = jax.eval_shape(
-      functools.partial(create_train_state, config, model, None), init_rng)
+  abstract = abstract_state(config, model, par)
   tx = optimizer.make(config, abstract.params)
   meta = checkpoint_lib.meta(config, data.vocab)
 
   # ----------------------------------------------------------- checkpoint
   checkpoints = checkpoint_lib.Checkpoints(
       os.path.join(os.path.abspath(workdir), 'checkpoints'), config)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=par.replicated), abstract)
   restored = checkpoints.restore(abstract, train_iter, meta)
   if restored:
     state, start = restored
@@ -281,8 +289,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                        config=config))
   p_eval = par.step(functools.partial(eval_step, model=model, config=config),
                     donate_state=False)
-  greedy = jax.jit(functools.partial(decode.greedy, model,
-                                     max_len=config.data.max_len))
+  search = evaluate.SearchOptions.of(config.decode)
+  val_decoder = evaluate.BatchDecoder(
+      config, par, model, data,
+      dataclasses.replace(search, beam_size=config.eval.beam_size))
+  val_references = None
+  if config.eval.num_batches:
+    val_references = datasets.references(data.builder, config.data.eval_split)
   state = par.put_state(state)
 
   # ----------------------------------------------------------------- loop
@@ -302,25 +315,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         last = step == t.num_steps
         stop = preemption.signal is not None
         save = last or stop or step % t.checkpoint_every_steps == 0
-        evaluate = config.eval.num_batches != 0 and (
+        validate = config.eval.num_batches != 0 and (
             last or step % config.eval.every_steps == 0)
-        if save or evaluate or step % t.log_every_steps == 0:
+        if save or validate or step % t.log_every_steps == 0:
           now = time.perf_counter()
           _write_train_metrics(writer, config, step, pending, now - since)
           pending, since = [], now
         eval_metrics = None
-        if evaluate:
-          eval_metrics = _evaluate(config, par, p_eval, greedy, state,
-                                   eval_source, data.vocab, writer, step)
+        if validate:
+          eval_metrics = _evaluate(config, p_eval, val_decoder, state,
+                                   eval_source, val_references, writer, step)
         if save:
           checkpoints.save(step, par.get_state(state), train_iter, meta,
                            eval_metrics)
-        if save or evaluate:
+        if save or validate:
           since = time.perf_counter()  # examples/s counts training only.
         if stop:
           logging.warning('%s received: saved step %d, stopping.',
                           preemption.signal, step)
           break
+      if step >= t.num_steps:
+        test_decoder = evaluate.BatchDecoder(config, par, model, data, search)
+        for split in filter(None, config.decode.after_training.split(',')):
+          evaluate.evaluate_split(test_decoder, state, step, split.strip(),
+                                  workdir, writer)
   finally:
     preemption.restore()
     checkpoints.wait()
@@ -352,19 +370,22 @@ def _write_train_metrics(writer, config, step: int, pending: list,
   writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
 
 
-def _evaluate(config, par, p_eval, greedy, state, source, vocab, writer,
+def _evaluate(config, p_eval, decoder, state, source, references, writer,
               step: int) -> dict[str, float]:
-  from capjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  """Validation loss, and metrics of captions decoded for the same images."""
+  # pylint: disable=g-import-not-at-top
+  from capjax import evaluate
+  from capjax.data import pipeline
+  # pylint: enable=g-import-not-at-top
   ev = config.eval
   totals = None
-  samples = None
-  for i, batch in enumerate(pipeline.eval_dataset(config, source, vocab)):
+  captions = {}
+  for i, batch in enumerate(pipeline.eval_dataset(config, source,
+                                                  decoder.data.vocab)):
     if i == ev.num_batches:
       break
-    if samples is None and ev.num_samples:
-      samples = _sample_captions(par, greedy, state, batch, vocab,
-                                 ev.num_samples)
-    sums = jax.device_get(p_eval(state, par.put_batch(batch)))
+    captions.update(decoder.batch(state, batch))
+    sums = jax.device_get(p_eval(state, decoder.par.put_batch(batch)))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   metrics = {
       'val_loss': float(totals['ce'] / totals['tokens'] +
@@ -373,25 +394,17 @@ def _evaluate(config, par, p_eval, greedy, state, source, vocab, writer,
       'val_cross_entropy': float(totals['ce'] / totals['tokens']),
       'val_token_accuracy': float(totals['correct'] / totals['tokens']),
   }
+  # No METEOR: its Java start-up would cost more than the rest.
+  scores = evaluate.score(references, captions, meteor='none')
+  metrics.update({f'val_{k}': v for k, v in scores.items()})
   writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  samples = [f'image {i}: {captions[i]}\nreference: {references[i][0]}'
+             for i in list(captions)[:ev.num_samples]]
   if samples:
     writer.write_texts(step, {'eval/samples': '\n\n'.join(samples)})
     for line in samples:
       logging.info('Sample: %s', line.replace('\n', ' | '))
   return metrics
-
-
-def _sample_captions(par, greedy, state, batch, vocab, n: int) -> list[str]:
-  """Greedy captions of the first `n` images of a local batch, with refs."""
-  n = min(n, int(batch['mask'].sum()))
-  variables = par.get_state(state)
-  tokens, _ = greedy({'params': variables.params,
-                      'batch_stats': variables.batch_stats},
-                     jnp.asarray(batch['image'][:n]))
-  tokens = jax.device_get(tokens)
-  return [f'image {int(batch["image/id"][i])}: {vocab.decode(tokens[i])}\n'
-          f'reference: {vocab.decode(batch["captions"][i, 0, 1:])}'
-          for i in range(n)]
 
 
 def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:

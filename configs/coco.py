@@ -20,4 +20,13 @@ def get_config():
   d.max_len = 18  # 16 words + <bos>/<eos> covers ~98% of COCO captions.
   d.min_count = 5  # As in Karpathy & Li; ~10,000 words.
   d.workers = 16  # JPEG decoding of 224 px images needs processes on a GPU host.
+  # Validation: loss, and greedy captions of 20 batches (5,120 images: all
+  # of val) scored with CIDEr-D, which picks the best checkpoint.
+  config.eval.num_batches = 20
+  config.eval.every_steps = 2_000
+  # The papers' test: beam 3 on the Karpathy test split, after training too.
+  config.decode.split = 'test'
+  config.decode.beam_size = 3
+  config.decode.batch_size = 1_024
+  config.decode.after_training = 'test'
   return config

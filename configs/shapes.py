@@ -42,4 +42,6 @@ def get_config():
   t.checkpoint_every_steps = 1_100
   config.eval.every_steps = 1_100
   config.eval.num_samples = 4
+  # The end of the run: test, and test_novel's unseen colour-shape pairs.
+  config.decode.after_training = 'test,test_novel'
   return config

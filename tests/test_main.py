@@ -17,14 +17,28 @@ def _main(*args, cwd=REPO):
 def test_main_trains(shapes_data_dir, tmp_path):
   workdir = tmp_path / 'run'
   proc = _main('--config=configs/test.py', f'--workdir={workdir}',
-               f'--config.data.data_dir={shapes_data_dir}')
-  _, err = proc.communicate(timeout=300)
+               f'--config.data.data_dir={shapes_data_dir}',
+               '--config.decode.after_training=test_novel')
+  out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   vocab = json.loads((workdir / 'vocab.json').read_text())
   assert vocab['source']['dataset'] == 'shapes'
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
-  assert '[6] eval/val_cross_entropy=' in err and 'Sample: image ' in err
+  assert ' eval/val_CIDEr=' in err and 'Sample: image ' in err
   assert err.strip().endswith(f'logs (TensorBoard) in {workdir}.')
+  # The final test table, on stdout.
+  assert out.startswith('test_novel at step 6, beam 3, ')
+  assert 'CIDEr' in out and 'METEOR' in out and '(64 images scored)' in out
+
+  # The decode job on an earlier checkpoint.
+  proc = _main('--config=configs/test.py', f'--workdir={workdir}',
+               f'--config.data.data_dir={shapes_data_dir}', '--mode=decode',
+               '--config.decode.checkpoint_step=3')
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert out.startswith('test at step 3, beam 3, ')
+  results = json.loads((workdir / 'decode' / 'test_step3.json').read_text())
+  assert len(results) == 64 and set(results[0]) == {'image_id', 'caption'}
 
 
 def test_bad_input_is_one_line_and_nothing_is_lost(shapes_data_dir, tmp_path):

@@ -1,6 +1,7 @@
 """The train step, its two data-parallel wrappers, and the training job."""
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -273,11 +274,16 @@ def test_coco_config_trains_on_mock_data(tmp_path):
   config.train.num_steps = 2
   config.eval.num_batches = 1
   config.eval.num_samples = 1
+  config.decode.batch_size = 8
+  config.decode.meteor = 'none'
   # Mocked, "preparing" downloads nothing; TFDS's real call still runs.
   config.data.prepare = True
   with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
     state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
+  # The config's final test decode ran over the (mock) Karpathy test split.
+  results = json.loads((tmp_path / 'decode' / 'test_step2.json').read_text())
+  assert results and all(set(r) == {'image_id', 'caption'} for r in results)
   # The COCO config keeps the encoder frozen: it has no optimizer state.
   assert 'encoder' in state.params
   leaves = jax.tree.leaves(state.opt_state)

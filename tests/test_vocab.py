@@ -15,8 +15,16 @@ from capjax.errors import UserError
     ('A man riding a horse.', ['a', 'man', 'riding', 'a', 'horse']),
     ("The dog's ball, isn't it?", ['the', 'dog', "'s", 'ball', 'is', "n't",
                                    'it']),
-    ('Two  "red" birds; (maybe) three!', ['two', 'red', 'birds', 'maybe',
-                                          'three']),
+    ('Two  "red" birds; three!', ['two', 'red', 'birds', 'three']),
+    # As the official Java tokenizer: brackets stay as words, curly quotes,
+    # single quotes and full stops inside a caption are split off.
+    ('A dog (brown).', ['a', 'dog', '-lrb-', 'brown', '-rrb-']),
+    ('A man\u2019s \u201cred\u201d car', ['a', 'man', "'s", 'red', 'car']),
+    ("A sign saying 'STOP'. Two cars", ['a', 'sign', 'saying', 'stop', 'two',
+                                       'cars']),
+    ('On St. Patrick\'s day in the U.S.', ['on', 'st.', 'patrick', "'s", 'day',
+                                          'in', 'the', 'u.s.']),
+    ('Bus no. 5 etc.', ['bus', 'no.', '5', 'etc.']),
     ('A black-and-white photo\nof a cat...', ['a', 'black-and-white',
                                               'photo', 'of', 'a', 'cat']),
     ('', []),
@@ -108,3 +116,14 @@ def test_load_or_build_without_write_leaves_no_file(tmp_path):
   path = str(tmp_path / 'vocab.json')
   vocab_lib.load_or_build(path, lambda: ['a b'], 1, {}, write=False)
   assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize('caption', [
+    'A man riding a wave on top of a surfboard.', 'two dogs, a cat', 'a b.',
+    'A man cannot ride.', 'a man gonna ride', 'On Main St.', 'etc.',
+    'an x-ray of a 3-d model .', ' a dog . ', 'a--b', 'a , b', 'a dog.\n'])
+def test_plain_caption_shortcut_gives_treebank_tokens(caption):
+  # tokenize() skips Treebank for plain captions; the tokens must not change.
+  lower = caption.replace('\n', ' ').lower()
+  assert tokenizer.tokenize(caption) == [
+      t for t in tokenizer._tokens(lower) if t not in tokenizer._DROP]

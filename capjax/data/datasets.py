@@ -122,11 +122,27 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str,
 def iter_captions(builder: tfds.core.DatasetBuilder,
                   split: str) -> Iterator[str]:
   """Streams every caption of `split` without decoding a single image."""
-  source = data_source(builder, split,
-                       decoders={'image': tfds.decode.SkipDecoding()})
+  source = _without_images(builder, split)
   for i in range(len(source)):
     for text in source[i]['captions']['text']:
       yield as_str(text)
+
+
+def references(builder: tfds.core.DatasetBuilder,
+               split: str) -> dict[int, list[str]]:
+  """Every caption of every image of `split`, by image id (no decoding)."""
+  source = _without_images(builder, split)
+  out = {}
+  for i in range(len(source)):
+    example = source[i]
+    out[int(example['image/id'])] = [
+        as_str(text) for text in example['captions']['text']]
+  return out
+
+
+def _without_images(builder, split: str) -> Sequence[dict]:
+  return data_source(builder, split,
+                     decoders={'image': tfds.decode.SkipDecoding()})
 
 
 def as_str(text) -> str:

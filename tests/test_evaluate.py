@@ -1,0 +1,145 @@
+"""The decode job (capjax.evaluate): whole splits, results files, sidecar."""
+
+import functools
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from capjax import decode
+from capjax import evaluate
+from capjax import models
+from capjax import train
+from capjax.data import datasets
+from capjax.data import prepare
+from capjax.data import tokenizer
+from capjax.errors import UserError
+
+
+def _config(shapes_data_dir):
+  from configs import test  # pylint: disable=g-import-not-at-top
+  config = test.get_config()
+  config.data.data_dir = shapes_data_dir
+  config.eval.num_batches = 1
+  config.decode.meteor = 'none'  # Java's start-up is tested in the metrics.
+  config.decode.batch_size = 16
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained(shapes_data_dir, tmp_path_factory):
+  """A workdir with checkpoints of steps 3 and 6, and its final state."""
+  config = _config(shapes_data_dir)
+  workdir = str(tmp_path_factory.mktemp('run'))
+  state = train.train_and_evaluate(config, workdir)
+  return workdir, state
+
+
+def _results(workdir, name):
+  with open(os.path.join(workdir, 'decode', f'{name}.json')) as f:
+    results = json.load(f)
+  with open(os.path.join(workdir, 'decode', f'{name}_metrics.json')) as f:
+    return results, json.load(f)
+
+
+@pytest.mark.parametrize('kind', ['jit', 'pmap'])
+def test_decode_covers_the_split_once_and_matches_one_device(
+    shapes_data_dir, trained, tmp_path, kind):
+  workdir, state = trained
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(os.path.join(copy, 'decode'), ignore_errors=True)
+  config = _config(shapes_data_dir)
+  config.parallel = kind
+  config.decode.split = 'test_novel'
+  metrics = evaluate.decode_checkpoint(config, copy)
+  results, saved = _results(copy, 'test_novel_step6')
+
+  data = prepare.prepare(config, copy)
+  references = datasets.references(data.builder, 'test_novel')
+  ids = [r['image_id'] for r in results]
+  assert sorted(ids) == sorted(references) and len(ids) == len(set(ids))
+  assert saved['metrics'] == metrics and saved['step'] == 6
+  assert saved['images'] == len(references)
+  assert set(metrics) == {'BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4', 'ROUGE-L',
+                          'CIDEr'}
+  assert all(0 <= v <= 10 for v in metrics.values())
+
+  # The same captions as the search on one device, image by image.
+  from capjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  model = models.build_captioner(config.model, len(data.vocab))
+  search = jax.jit(functools.partial(
+      decode.beam_search, model, beam_size=config.decode.beam_size,
+      max_len=config.data.max_len, ban_unk=True))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  source = datasets.data_source(data.builder, 'test_novel')
+  batch = next(iter(pipeline.eval_dataset(config, source, data.vocab,
+                                          batch_size=5)))
+  tokens = np.asarray(search(variables, batch['image']).tokens[:, 0])
+  by_id = {r['image_id']: r['caption'] for r in results}
+  for i, row in zip(batch['image/id'], tokens):
+    assert by_id[int(i)] == data.vocab.decode(row)
+    assert by_id[int(i)] == ' '.join(tokenizer.tokenize(by_id[int(i)]))
+
+
+def test_training_validates_with_cider_and_decodes_after(shapes_data_dir,
+                                                         tmp_path):
+  config = _config(shapes_data_dir)
+  config.train.num_steps = 9
+  config.train.keep_checkpoints = 1
+  config.decode.after_training = 'test, validation'
+  config.decode.beam_size = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  for split in ('test', 'validation'):
+    _, saved = _results(str(tmp_path), f'{split}_step9')
+    assert saved['search']['beam_size'] == 2
+    assert saved['images'] == 64  # The tiny build's eval splits.
+  # The latest checkpoint and the best by validation CIDEr-D are kept.
+  manager = ocp.CheckpointManager(tmp_path / 'checkpoints')
+  cider = {s: manager.metrics(s)['val_CIDEr'] for s in manager.all_steps()}
+  best = max(cider, key=cider.get)
+  assert sorted(cider) == sorted({best, 9})
+  assert all(v >= 0 for v in cider.values())
+
+
+def test_evaluate_continuously_decodes_new_checkpoints(shapes_data_dir,
+                                                       trained, tmp_path):
+  workdir, _ = trained
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / 'decode', ignore_errors=True)
+  config = _config(shapes_data_dir)
+  config.decode.split = 'validation'
+  config.decode.poll_seconds = 0
+  config.decode.timeout_seconds = 0
+  # Only step 3 yet: decoded, then no new checkpoint comes.
+  shutil.move(copy / 'checkpoints' / '6', tmp_path / 'later')
+  config.train.num_steps = 6
+  evaluate.evaluate_continuously(config, str(copy))
+  assert sorted(f for f in os.listdir(copy / 'decode') if 'events' not in f
+                ) == ['validation_step3.json', 'validation_step3_metrics.json']
+  # Step 6 lands: decoded, and the sidecar stops at the last step without
+  # redoing step 3.
+  os.utime(copy / 'decode' / 'validation_step3.json', (0, 0))
+  shutil.move(tmp_path / 'later', copy / 'checkpoints' / '6')
+  config.decode.timeout_seconds = 600
+  evaluate.evaluate_continuously(config, str(copy))
+  assert (copy / 'decode' / 'validation_step6_metrics.json').exists()
+  assert os.path.getmtime(copy / 'decode' / 'validation_step3.json') == 0
+
+
+def test_decode_errors(shapes_data_dir, trained, tmp_path):
+  config = _config(shapes_data_dir)
+  with pytest.raises(UserError, match='no checkpoint in .* train first'):
+    evaluate.decode_checkpoint(config, str(tmp_path))
+  config.decode.checkpoint_step = 4
+  with pytest.raises(UserError, match='no checkpoint of step 4 .* 3, 6'):
+    evaluate.decode_checkpoint(config, trained[0])
+  config.decode.checkpoint_step = -1
+  config.decode.batch_size = 12
+  with pytest.raises(UserError, match='not divisible by the 8 devices'):
+    evaluate.decode_checkpoint(config, trained[0])
