@@ -1,5 +1,7 @@
 """Dataset registry and preparation; COCO through `tfds.testing.mock_data`."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -151,3 +153,10 @@ def test_unwritable_workdir(tmp_path, test_config):
   blocker.write_text('')
   with pytest.raises(UserError, match='cannot create --workdir'):
     prepare.prepare(test_config, str(blocker / 'run'))
+
+
+def test_default_data_dir_is_tfds_own():
+  # An empty data_dir means TFDS's data dir, never the current directory.
+  builder = datasets.get_builder(config_lib.defaults().data)
+  assert builder.data_dir.startswith(
+      os.path.expanduser(tfds.core.constants.DATA_DIR))

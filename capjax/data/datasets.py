@@ -33,7 +33,8 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if data.name not in NAMES:
     raise UserError(f'unknown dataset --config.data.name={data.name!r}; '
                     f'choose one of {", ".join(NAMES)}')
-  kwargs = dict(data_dir=data.data_dir, file_format='array_record')
+  # None, not '': TFDS would read '' as the current directory.
+  kwargs = dict(data_dir=data.data_dir or None, file_format='array_record')
   if data.data_dir and not os.path.isdir(os.path.expanduser(data.data_dir)):
     if not data.prepare:
       raise UserError(f'data dir --config.data.data_dir={data.data_dir} does '
