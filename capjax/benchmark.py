@@ -58,23 +58,11 @@ def _median_seconds(fn, repeats: int) -> float:
 def _variables(config, workdir: str | None) -> tuple[Any, Any, int]:
   """(model, variables, vocabulary size): trained if `workdir` is given."""
   if workdir:
-    # pylint: disable=g-import-not-at-top
-    from capjax import checkpoint as checkpoint_lib
-    from capjax import parallel
-    from capjax import train
-    # pylint: enable=g-import-not-at-top
-    vocab = vocab_lib.Vocab.load(os.path.join(workdir, vocab_lib.FILENAME))
-    model = models.build_captioner(config.model, len(vocab))
-    par = parallel.Parallel(config)
-    checkpoints = checkpoint_lib.Checkpoints(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'), config,
-        create=False)
-    state, _ = checkpoints.restore_state(
-        train.abstract_state(config, model, par),
-        checkpoint_lib.meta(config, vocab))
-    checkpoints.close()
-    return model, {'params': state.params,
-                   'batch_stats': state.batch_stats}, len(vocab)
+    # pylint: disable-next=g-import-not-at-top
+    from capjax import caption
+    config, vocab, variables, _ = caption.load_trained(workdir)
+    return (models.build_captioner(config.model, len(vocab)), variables,
+            len(vocab))
   vocab_size = 10_000
   model = models.build_captioner(config.model, vocab_size)
   d = config.data

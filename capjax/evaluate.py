@@ -187,7 +187,7 @@ class _Job:
     self.data = prepare_lib.prepare(config, workdir)
     self.par = parallel.Parallel(config)
     model = models.build_captioner(config.model, len(self.data.vocab))
-    self.abstract = train.abstract_state(config, model, self.par)
+    self.abstract = train.abstract_state(config, model, self.par.replicated)
     self.meta = checkpoint_lib.meta(config, self.data.vocab)
     self.checkpoints = checkpoint_lib.Checkpoints(
         os.path.join(os.path.abspath(workdir), 'checkpoints'), config,

@@ -64,14 +64,14 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def abstract_state(config: ml_collections.ConfigDict, model: nn.Module,
-                   par: parallel.Parallel) -> TrainState:
-  """The state's shapes, dtypes and (replicated) shardings; no compute."""
+                   sharding: jax.sharding.Sharding) -> TrainState:
+  """The state's shapes and dtypes, placed by `sharding`; no compute."""
   abstract = jax.eval_shape(
       functools.partial(create_train_state, config, model, None),
       jax.random.key(0))
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=par.replicated), abstract)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      abstract)
 
 
 def _bn_trains(config: ml_collections.ConfigDict) -> bool:
@@ -250,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   model = models.build_captioner(config.model, len(data.vocab))
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  abstract = abstract_state(config, model, par)
+  abstract = abstract_state(config, model, par.replicated)
   tx = optimizer.make(config, abstract.params)
   meta = checkpoint_lib.meta(config, data.vocab)
 
@@ -278,6 +278,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       workdir, just_logging=not is_chief, asynchronous=True)
   if start == 0:
     writer.write_hparams(_flat(config.to_dict()))
+  if is_chief:
+    # What `capjax.caption` needs to rebuild the model and its inputs.
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
   hooks = [periodic_actions.ReportProgress(num_train_steps=t.num_steps,
                                            writer=writer)]
   if t.profile and is_chief:
