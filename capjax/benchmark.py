@@ -16,7 +16,6 @@ of --repeats device-synchronised runs.
 
 import functools
 import json
-import os
 import statistics
 import time
 from typing import Any
@@ -29,7 +28,6 @@ import numpy as np
 
 from capjax import decode
 from capjax import models
-from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
 
 FLAGS = flags.FLAGS

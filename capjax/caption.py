@@ -66,12 +66,15 @@ class Result:
   score: float | None = None  # Log-probability / length penalty.
   alternatives: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   error: str | None = None
-  words: list[str] = dataclasses.field(default_factory=list)
   # The attention of each word of `caption`, and of its <eos> unless it
   # reached max_len: [len(words) (+ 1), g, g].
   attention: np.ndarray | None = None
   # The image as decoded, at most REPORT_SIZE px, for reports (keep_pixels).
   pixels: np.ndarray | None = None
+
+  @property
+  def words(self) -> list[str]:
+    return self.caption.split() if self.caption else []
 
   def to_json(self) -> dict[str, Any]:
     if self.error is not None:
@@ -241,8 +244,7 @@ class Captioner:
           path=name, caption=captions[0], score=scores[0],
           alternatives=[{'caption': c, 'score': round(s, 4)}
                         for c, s in zip(captions[1:], scores[1:])
-                        if s > decode.NEG_INF / 2],
-          words=captions[0].split())
+                        if s > decode.NEG_INF / 2])
       if attention:
         # The words and <eos> (none if the caption reached max_len).
         alphas = out.alphas[i, :len(result.words) + 1]  # [steps, P]

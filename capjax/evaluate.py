@@ -49,14 +49,14 @@ class SearchOptions:
   ban_unk: bool = True
   ban_repeated_trigrams: bool = False
 
+  def __post_init__(self):
+    if self.beam_size < 1:
+      raise UserError(f'beam_size={self.beam_size} must be >= 1')
+
   @classmethod
   def of(cls, section: ml_collections.ConfigDict) -> 'SearchOptions':
-    """The options in `config.decode` (or any section with beam_size)."""
-    fields = {f.name: section[f.name] for f in dataclasses.fields(cls)
-              if f.name in section}
-    if fields['beam_size'] < 1:
-      raise UserError(f'beam_size={fields["beam_size"]} must be >= 1')
-    return cls(**fields)
+    """The options in `config.decode`."""
+    return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
 
 
 def _search(state, batch, *, model, max_len: int, options: SearchOptions):

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator
 import concurrent.futures
 import dataclasses
 import io
-import json
 import os
 import posixpath
 import re
@@ -41,6 +40,7 @@ import tensorflow_datasets as tfds
 
 from capjax.data import features
 from capjax.data import images
+from capjax.metrics import coco
 from capjax.errors import UserError
 
 NAME = 'caption_files'
@@ -149,24 +149,8 @@ def load_json(path: str) -> Any:
     raise UserError(
         f'{NAME}: annotations {path} is a directory; point {_ANNOTATIONS_FLAG} '
         'at the JSON file inside it')
-  try:
-    # utf-8-sig: files saved by Windows editors start with a BOM.
-    with open(path, encoding='utf-8-sig') as f:
-      text = f.read()
-  except UnicodeDecodeError as e:
-    raise UserError(
-        f'{NAME}: annotations file {path} is not UTF-8 text (byte '
-        f'{e.start}); save it as UTF-8 JSON') from None
-  if not text.strip():
-    raise UserError(
-        f'{NAME}: annotations file {path} is empty; write the captions JSON '
-        'into it')
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise UserError(
-        f'{NAME}: annotations file {path} is not valid JSON ({e.msg} at line '
-        f'{e.lineno} column {e.colno}); fix the file there') from None
+  # The rest (encoding, emptiness, syntax) as for any COCO-format file.
+  return coco.load_json(path, f'{NAME}: annotations')
 
 
 def detect_format(data: Any, source: str) -> str:
