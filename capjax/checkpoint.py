@@ -65,6 +65,7 @@ class Checkpoints:
                        keep_checkpoints_without_metrics=False),
     ])
     self.directory = directory
+    self.discard_data_state = t.discard_data_state
     if not create and not os.path.isdir(directory):
       raise UserError(f'no checkpoint in {directory}: train first '
                       '(--mode=train with the same --workdir)')
@@ -82,6 +83,9 @@ class Checkpoints:
            meta_data: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
     """Starts writing `step` in the background; see `wait`."""
+    # The data position is one file per process: it only restores on as
+    # many processes.
+    meta_data = dict(meta_data, processes=jax.process_count())
     self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -116,16 +120,31 @@ class Checkpoints:
                         'before.', step, _first_line(e))
         unreadable.append(step)
         continue
+      processes = saved.pop('processes', jax.process_count())
       differences = _differences(saved, meta_data)
       if differences:
         raise UserError(
             f'the checkpoints in {self.directory} belong to another model or '
             f'vocabulary ({"; ".join(differences[:5])}); use a new --workdir '
             'or set the config back')
+      items = {'state': ocp.args.StandardRestore(abstract_state),
+               'data': grain.checkpoint.CheckpointRestore(iterator)}
+      if processes != jax.process_count():
+        if not self.discard_data_state:
+          raise UserError(
+              f'checkpoint {step} in {self.directory} was written by '
+              f'{processes} processes and this job has '
+              f'{jax.process_count()}: the data position of each process '
+              f'cannot be carried over. Resume with {processes} processes, '
+              'or set --config.train.discard_data_state=True to restore the '
+              'model and optimizer and restart the data order')
+        logging.warning('Checkpoint %d was written by %d processes: its data '
+                        'position is discarded (discard_data_state).', step,
+                        processes)
+        del items['data']
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(iterator)))
+        restored = self.manager.restore(step,
+                                        args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Checkpoint %d is unreadable (%s); trying the one '
                         'before.', step, _first_line(e))
@@ -160,6 +179,7 @@ class Checkpoints:
                       f'it has steps {", ".join(map(str, steps))}')
     saved = self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
+    saved.pop('processes', None)  # Evaluation reads no data position.
     differences = _differences(saved, meta_data)
     if differences:
       raise UserError(

@@ -100,6 +100,10 @@ def defaults() -> ml_collections.ConfigDict:
   t.checkpoint_every_steps = 1_000
   t.keep_checkpoints = 3  # The latest N, plus the best by validation.
   t.profile = False  # Capture a JAX profile of a few steps early on.
+  # Resume a checkpoint written by another number of processes: model and
+  # optimizer are restored, the data order starts afresh (a checkpoint's data
+  # position only fits the process count that wrote it).
+  t.discard_data_state = False
 
   config.eval = ev = ml_collections.ConfigDict()
   # Validation during training: loss, captions of the same images decoded with

@@ -4,6 +4,7 @@
 """
 
 import logging as py_logging
+import os
 import sys
 
 from absl import app
@@ -12,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from capjax import distributed
 from capjax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -25,6 +27,12 @@ flags.DEFINE_enum(
     'with a checkpoint of --workdir. evaluate_continuously: decode each new '
     'checkpoint as a training job writes it. prepare: only build the dataset '
     'and vocabulary (e.g. download COCO once).')
+flags.DEFINE_string('coordinator_address', None, 'Multi-process jobs: '
+                    'host:port of process 0 (see capjax/distributed.py for '
+                    'what is detected without it).')
+flags.DEFINE_integer('num_processes', None, 'Multi-process jobs: how many.')
+flags.DEFINE_integer('process_id', None, 'Multi-process jobs: this one, '
+                     '0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -68,9 +76,12 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.info('JAX process %d of %d; local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
   try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id, os.environ)
+    logging.info('JAX process %d of %d; local devices: %s',
+                 jax.process_index(), jax.process_count(),
+                 jax.local_devices())
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except UserError as e:
     sys.exit(f'capjax: error: {e}')

@@ -117,6 +117,23 @@ def test_train_shards_are_disjoint_and_cover_an_epoch():
   assert seen[0] != sorted(seen[0])  # Shuffled.
 
 
+def test_processes_split_the_batches_of_one_process():
+  # 2 processes x 2 rows are exactly the global batches of 1 process x 4,
+  # captions included: the job trains the same whatever the process count.
+  source = _source(16)
+  config = _config(batch_size=4)
+  one = iter(pipeline.train_dataset(config, source, VOCAB, process_index=0,
+                                    process_count=1))
+  two = [iter(pipeline.train_dataset(config, source, VOCAB, process_index=p,
+                                     process_count=2)) for p in range(2)]
+  for _ in range(6):  # Into the second epoch.
+    whole = next(one)
+    parts = [next(it) for it in two]
+    for key in ('image', 'captions', 'image/id'):
+      np.testing.assert_array_equal(
+          whole[key], np.concatenate([p[key] for p in parts]))
+
+
 def test_epochs_are_reshuffled_and_seeded():
   def first_two_epochs(seed):
     config = _config(batch_size=4)

@@ -131,22 +131,28 @@ def _finish(ds: grain.MapDataset, config) -> grain.IterDataset:
 def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
                   vocab: Vocab, *, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
-  """Endless shuffled batches of this process's shard of `source`.
+  """Endless shuffled batches: this process's share of each global batch.
 
   Batches: `image` [b, H, W, 3] float32, `captions` [b, K, L] int32,
   `image/id` [b] int64, `mask` [b] bool (all true), with b the per-process
-  batch size.
+  batch size. Process p's batch i is rows p*b..(p+1)*b-1 of global batch i,
+  so N processes train on exactly the batches one process would.
   """
   if process_index is None:
     process_index, process_count = jax.process_index(), jax.process_count()
   batch = process_batch_size(config, process_count)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) < batch:
-    raise UserError(f'the training split has {len(ds)} examples per process, '
-                    f'fewer than one batch ({batch}); lower --config.batch_size')
+  ds = grain.MapDataset.source(source)
+  if len(ds) < config.batch_size:
+    raise UserError(f'the training split has {len(ds)} examples, fewer than '
+                    f'one batch ({config.batch_size}); lower '
+                    '--config.batch_size')
+  # One global order of examples (and of caption picks) whatever the number
+  # of processes: every process shuffles alike, and takes its own contiguous
+  # block of each global batch. Grain computes only the blocks it reads.
   ds = ds.shuffle(seed=config.seed).repeat()  # Reshuffled every epoch.
   ds = ds.random_map(_preprocess(config, vocab), seed=config.seed)
-  return _finish(ds.batch(batch, drop_remainder=True), config)
+  ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
+  return _finish(ds, config)
 
 
 def eval_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
