@@ -8,8 +8,10 @@ resumable iteration.
 from collections.abc import Iterator, Sequence
 import os
 import re
+import time
 
 from absl import logging
+import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
@@ -77,7 +79,8 @@ def prepare(data: ml_collections.ConfigDict,
 
   With `force` (the `--mode=prepare` job) or `config.data.prepare`, a missing
   dataset is downloaded and written; otherwise a missing dataset is an error
-  that says how to prepare it. A prepared dataset is never rewritten.
+  that says how to prepare it. A prepared dataset is never rewritten. In a
+  multi-process job, process 0 builds and the others wait for its build.
   """
   builder = get_builder(data)
   if builder.is_prepared():
@@ -94,8 +97,30 @@ def prepare(data: ml_collections.ConfigDict,
                       'captions: set --config.data.manual_dir')
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(data.manual_dir))
-  builder.download_and_prepare(download_config=download_config)
-  return builder
+  if jax.process_index() == 0:
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+  # Process 0 builds; two builds into one data dir would clash.
+  return _wait_for_build(data, PREPARE_WAIT_SECONDS)
+
+
+# How long the other processes of a job wait for process 0's dataset build.
+PREPARE_WAIT_SECONDS = 4 * 3600
+
+
+def _wait_for_build(data: ml_collections.ConfigDict,
+                    seconds: float) -> tfds.core.DatasetBuilder:
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    time.sleep(5)
+    builder = get_builder(data)
+    if builder.is_prepared():
+      return builder
+  raise UserError(
+      f'process {jax.process_index()} waited {seconds:.0f} s for process 0 '
+      f'to prepare {data.name} in {builder.data_dir}; the TFDS data dir must '
+      'be shared by all processes, or prepared on every host first '
+      '(--mode=prepare)')
 
 
 def split_names(split: str) -> list[str]:
