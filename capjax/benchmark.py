@@ -1,17 +1,26 @@
 """Throughput benchmarks, on synthetic inputs so that no dataset is needed.
 
-  python -m capjax.benchmark --config=configs/shapes.py --what=decode,score
+  python -m capjax.benchmark --config=configs/coco.py --what=train,decode \
+      [--per_device_batch=32,64,128] [--steps=10] [--json=OUT]
 
+  train   images/s and caption tokens/s of the jitted, data-parallel train
+          step with the encoder (a) frozen and (b) fine-tuned, on a device-
+          resident batch of random images and captions; the step's FLOPs
+          from XLA's cost analysis and the model FLOPs utilisation (MFU)
+          against the device's peak (`PEAK_FLOPS`); peak device memory.
   decode  captions/s of the jitted beam search for each --beams, on one
           batch of random images, the model from --workdir's latest
           checkpoint (else randomly initialised: its captions run to
           max_len, the slowest case).
+  input   images/s of the real input pipeline (TFDS + grain, JPEG decoding)
+          with each --workers; needs the dataset (and TFDS, grain).
   score   seconds for BLEU-1..4, ROUGE-L and CIDEr-D (and the tokenisation
           before them) of --score_images images x 5 references of
           COCO-like captions, on one CPU core.
 
-Compilation and a first warm-up run are excluded; each figure is the median
-of --repeats device-synchronised runs.
+train and decode need only jax, flax and optax. Compilation and a first
+warm-up run are excluded; each figure is the median of --repeats
+device-synchronised runs.
 """
 
 import functools
@@ -28,16 +37,31 @@ import numpy as np
 
 from capjax import decode
 from capjax import models
+from capjax.data.vocab import BOS, EOS, PAD
 from capjax.errors import UserError
 
+# Dense bfloat16 peak FLOP/s per device, by device kind (vendor data sheets),
+# for MFU. Kinds not listed (CPUs) get no MFU.
+PEAK_FLOPS = {
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12,
+    'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
+}
+
 FLAGS = flags.FLAGS
-flags.DEFINE_list('what', ['decode', 'score'], 'Benchmarks to run.')
+flags.DEFINE_list('what', ['train', 'decode'], 'Benchmarks to run: train, '
+                  'decode, input, score.')
+flags.DEFINE_list('per_device_batch', [], 'Train: images per device; '
+                  "default: the config's batch_size over the devices.")
+flags.DEFINE_integer('steps', 10, 'Train: steps per timed run.')
+flags.DEFINE_list('workers', ['0', '2'], 'Input: worker processes to try.')
+flags.DEFINE_integer('input_batches', 20, 'Input: batches per timed run.')
 flags.DEFINE_string('workdir', None, 'A training workdir whose vocabulary and '
                     'latest checkpoint the decode benchmark uses.')
 flags.DEFINE_list('beams', ['1', '3', '5'], 'Beam sizes to decode with.')
 flags.DEFINE_integer('batch', 0, 'Decode batch in images; 0: the '
                      "config's decode.batch_size or batch_size.")
-flags.DEFINE_integer('repeats', 5, 'Timed runs per figure (the median).')
+flags.DEFINE_integer('repeats', 3, 'Timed runs per figure (the median).')
 flags.DEFINE_integer('score_images', 5000, 'Images of the score benchmark '
                      '(5,000: the Karpathy test split).')
 flags.DEFINE_string('json', None, 'Also write the results to this file.')
@@ -84,6 +108,112 @@ def bench_decode(config, workdir: str | None, beams: list[int], batch: int,
                               repeats)
     rows.append({'beam': beam, 'batch': batch, 'seconds': seconds,
                  'captions_per_second': batch / seconds})
+  return rows
+
+
+def peak_flops(device_kind: str) -> float | None:
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
+
+
+def synthetic_batch(config, batch: int, vocab_size: int,
+                    seed: int = 0) -> tuple[dict[str, np.ndarray], int]:
+  """A training batch of random images and captions of random lengths
+  (half to all of max_len), and its number of target tokens."""
+  rng = np.random.default_rng(seed)
+  d = config.data
+  k, length = d.captions_per_image, d.max_len
+  lengths = rng.integers(max(3, length // 2), length + 1, (batch, k))
+  captions = rng.integers(4, vocab_size, (batch, k, length)).astype(np.int32)
+  position = np.arange(length)
+  captions[..., 0] = BOS
+  captions = np.where(position == lengths[..., None] - 1, EOS, captions)
+  captions = np.where(position >= lengths[..., None], PAD, captions)
+  return {
+      'image': rng.standard_normal(
+          (batch, d.image_size, d.image_size, 3)).astype(np.float32),
+      'captions': captions.astype(np.int32),
+      'image/id': np.arange(batch, dtype=np.int64),
+      'mask': np.ones((batch,), bool),
+  }, int((lengths - 1).sum())
+
+
+def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
+                repeats: int) -> dict[str, Any]:
+  """One train setup: throughput, FLOPs, MFU and memory."""
+  # pylint: disable=g-import-not-at-top
+  from capjax import optimizer
+  from capjax import parallel
+  from capjax import train
+  # pylint: enable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.model.encoder.frozen = frozen
+  config.batch_size = per_device_batch * jax.device_count()
+  vocab_size = 10_000
+  model = models.build_captioner(config.model, vocab_size)
+  par = parallel.Parallel(config)
+  state = jax.jit(functools.partial(train.create_train_state, config, model,
+                                    None), out_shardings=par.replicated)(
+                                        jax.random.key(0))
+  tx = optimizer.make(config, state.params)
+  step = par.step(functools.partial(train.train_step, model=model, tx=tx,
+                                    config=config))
+  host_batch, tokens = synthetic_batch(config, config.batch_size, vocab_size)
+  batch = par.put_batch(host_batch)
+  rng = jax.random.key(1)
+  state = par.put_state(state)
+  cost = step.lower(state, batch, rng).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = (cost or {}).get('flops')  # Per device: the program is per device.
+
+  def run():
+    nonlocal state
+    for _ in range(steps):
+      state, _ = step(state, batch, rng)
+    return state
+
+  seconds = _median_seconds(run, repeats) / steps
+  device = jax.local_devices()[0]
+  peak = peak_flops(device.device_kind)
+  memory = (device.memory_stats() or {}).get('peak_bytes_in_use')
+  return {
+      'encoder': 'frozen' if frozen else 'fine-tuned',
+      'per_device_batch': per_device_batch, 'devices': jax.device_count(),
+      'step_seconds': seconds,
+      'images_per_second': config.batch_size / seconds,
+      'tokens_per_second': tokens / seconds,
+      'gflop_per_step_per_device': flops / 1e9 if flops else None,
+      'mfu': flops / seconds / peak if flops and peak else None,
+      'peak_memory_gib': memory / 2**30 if memory else None,
+  }
+
+
+def bench_input(config, workdir: str | None, workers: list[int],
+                batches: int, repeats: int) -> list[dict[str, Any]]:
+  """Images/s of the training input pipeline on the real dataset."""
+  # pylint: disable=g-import-not-at-top
+  import tempfile
+  from capjax.data import datasets
+  from capjax.data import pipeline
+  from capjax.data import prepare
+  # pylint: enable=g-import-not-at-top
+  workdir = workdir or tempfile.mkdtemp(prefix='capjax-bench-')
+  data = prepare.prepare(config, workdir)
+  source = datasets.data_source(data.builder, config.data.train_split)
+  rows = []
+  for n in workers:
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    config.data.workers = n
+    it = iter(pipeline.train_dataset(config, source, data.vocab))
+    next(it)  # Starts the threads and workers.
+    seconds = _median_seconds(
+        lambda: [next(it) for _ in range(batches)][-1]['image'], repeats)
+    rows.append({'workers': n, 'images_per_second':
+                 batches * config.batch_size / seconds})
   return rows
 
 
@@ -162,7 +292,27 @@ def main(argv):
 
 def run(config) -> dict[str, Any]:
   results = {'device': str(jax.devices()[0].device_kind),
-             'backend': jax.default_backend(), 'jax': jax.__version__}
+             'devices': jax.device_count(), 'backend': jax.default_backend(),
+             'jax': jax.__version__, 'dtype': config.model.dtype}
+  if 'train' in FLAGS.what:
+    batches = [int(b) for b in FLAGS.per_device_batch] or [
+        max(1, config.batch_size // jax.device_count())]
+    results['train'] = [
+        bench_train(config, b, frozen, FLAGS.steps, FLAGS.repeats)
+        for b in batches for frozen in (True, False)]
+    print(f'train ({results["device"]} x{jax.device_count()}, '
+          f'{config.model.dtype}, {config.model.encoder.arch}, '
+          f'{config.data.image_size} px, K={config.data.captions_per_image}):')
+    print('  encoder     batch/dev   images/s   tokens/s   ms/step  '
+          'GFLOP/step/dev    MFU  peak GiB')
+    fmt = lambda v, f: format(v, f) if v is not None else '-'
+    for r in results['train']:
+      print(f'  {r["encoder"]:<10} {r["per_device_batch"]:>9} '
+            f'{r["images_per_second"]:>10.1f} {r["tokens_per_second"]:>10.0f} '
+            f'{r["step_seconds"] * 1e3:>9.1f} '
+            f'{fmt(r["gflop_per_step_per_device"], ".1f"):>15} '
+            f'{fmt(r["mfu"] and 100 * r["mfu"], ".1f"):>6} '
+            f'{fmt(r["peak_memory_gib"], ".2f"):>9}')
   if 'decode' in FLAGS.what:
     batch = FLAGS.batch or config.decode.batch_size or config.batch_size
     results['decode'] = bench_decode(config, FLAGS.workdir,
@@ -173,6 +323,15 @@ def run(config) -> dict[str, Any]:
     for row in results['decode']:
       print(f'  beam {row["beam"]}: {row["captions_per_second"]:9.1f} '
             f'captions/s ({row["seconds"] * 1e3:.1f} ms per batch)')
+  if 'input' in FLAGS.what:
+    results['input'] = bench_input(config, FLAGS.workdir,
+                                   [int(w) for w in FLAGS.workers],
+                                   FLAGS.input_batches, FLAGS.repeats)
+    print(f'input ({config.data.name}, {config.data.image_size} px, batch '
+          f'{config.batch_size}):')
+    for r in results['input']:
+      print(f'  {r["workers"]} workers: {r["images_per_second"]:9.1f} '
+            'images/s')
   if 'score' in FLAGS.what:
     s = results['score'] = bench_score(FLAGS.score_images, FLAGS.repeats)
     print(f'score ({s["images"]} images x 5 references, one core):')

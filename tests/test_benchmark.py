@@ -1,4 +1,4 @@
-"""`python -m capjax.benchmark`: a smoke run that prints and writes figures."""
+"""`python -m capjax.benchmark`: a smoke run of every part, on CPU."""
 
 import json
 import subprocess
@@ -7,17 +7,29 @@ import sys
 from conftest import REPO
 
 
-def test_benchmark_decode_and_score(tmp_path):
+def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
   out = tmp_path / 'bench.json'
   proc = subprocess.run(
       [sys.executable, '-m', 'capjax.benchmark', '--config=configs/test.py',
-       '--what=decode,score', '--beams=1,2', '--batch=8', '--repeats=1',
-       '--score_images=50', f'--json={out}'],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+       f'--config.data.data_dir={shapes_data_dir}',
+       '--what=train,decode,input,score', '--per_device_batch=1', '--steps=1',
+       '--beams=1,2', '--batch=8', '--workers=0', '--input_batches=2',
+       '--repeats=1', '--score_images=50',
+       f'--json={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(out.read_text())
+  assert results['devices'] == 8  # The tests' simulated CPU devices.
+  train = {r['encoder']: r for r in results['train']}
+  assert set(train) == {'frozen', 'fine-tuned'}
+  for r in train.values():
+    assert r['images_per_second'] > 0 and r['tokens_per_second'] > 0
+  # XLA's count: fine-tuning adds the encoder's backward pass.
+  assert (train['fine-tuned']['gflop_per_step_per_device'] >
+          train['frozen']['gflop_per_step_per_device'] > 0)
+  assert train['frozen']['mfu'] is None  # No peak known for a CPU.
   assert [r['beam'] for r in results['decode']] == [1, 2]
   assert all(r['captions_per_second'] > 0 for r in results['decode'])
-  assert results['score']['images'] == 50
-  assert results['score']['metrics'] > 0
-  assert 'beam 2:' in proc.stdout and 'CIDEr-D' in proc.stdout
+  assert results['input'][0]['images_per_second'] > 0
+  assert results['score']['images'] == 50 and results['score']['metrics'] > 0
+  assert 'fine-tuned' in proc.stdout and 'beam 2:' in proc.stdout
