@@ -54,6 +54,8 @@ flags.DEFINE_list('what', ['train', 'decode'], 'Benchmarks to run: train, '
 flags.DEFINE_list('per_device_batch', [], 'Train: images per device; '
                   "default: the config's batch_size over the devices.")
 flags.DEFINE_integer('steps', 10, 'Train: steps per timed run.')
+flags.DEFINE_integer('vocab_size', 10_000, 'Words of the random models '
+                     '(COCO has about 10,000; shapes 69).')
 flags.DEFINE_list('workers', ['0', '2'], 'Input: worker processes to try.')
 flags.DEFINE_integer('input_batches', 20, 'Input: batches per timed run.')
 flags.DEFINE_string('workdir', None, 'A training workdir whose vocabulary and '
@@ -77,7 +79,8 @@ def _median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _variables(config, workdir: str | None) -> tuple[Any, Any, int]:
+def _variables(config, workdir: str | None,
+               vocab_size: int) -> tuple[Any, Any, int]:
   """(model, variables, vocabulary size): trained if `workdir` is given."""
   if workdir:
     # pylint: disable-next=g-import-not-at-top
@@ -85,7 +88,6 @@ def _variables(config, workdir: str | None) -> tuple[Any, Any, int]:
     config, vocab, variables, _ = caption.load_trained(workdir)
     return (models.build_captioner(config.model, len(vocab)), variables,
             len(vocab))
-  vocab_size = 10_000
   model = models.build_captioner(config.model, vocab_size)
   d = config.data
   variables = jax.jit(model.init)(
@@ -95,8 +97,8 @@ def _variables(config, workdir: str | None) -> tuple[Any, Any, int]:
 
 
 def bench_decode(config, workdir: str | None, beams: list[int], batch: int,
-                 repeats: int) -> list[dict[str, Any]]:
-  model, variables, _ = _variables(config, workdir)
+                 repeats: int, vocab_size: int) -> list[dict[str, Any]]:
+  model, variables, _ = _variables(config, workdir, vocab_size)
   size = config.data.image_size
   images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
   rows = []
@@ -141,7 +143,7 @@ def synthetic_batch(config, batch: int, vocab_size: int,
 
 
 def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
-                repeats: int) -> dict[str, Any]:
+                repeats: int, vocab_size: int) -> dict[str, Any]:
   """One train setup: throughput, FLOPs, MFU and memory."""
   # pylint: disable=g-import-not-at-top
   from capjax import optimizer
@@ -152,7 +154,6 @@ def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
   config.unlock()
   config.model.encoder.frozen = frozen
   config.batch_size = per_device_batch * jax.device_count()
-  vocab_size = 10_000
   model = models.build_captioner(config.model, vocab_size)
   par = parallel.Parallel(config)
   state = jax.jit(functools.partial(train.create_train_state, config, model,
@@ -293,12 +294,14 @@ def main(argv):
 def run(config) -> dict[str, Any]:
   results = {'device': str(jax.devices()[0].device_kind),
              'devices': jax.device_count(), 'backend': jax.default_backend(),
-             'jax': jax.__version__, 'dtype': config.model.dtype}
+             'jax': jax.__version__, 'dtype': config.model.dtype,
+             'vocab_size': FLAGS.vocab_size}
   if 'train' in FLAGS.what:
     batches = [int(b) for b in FLAGS.per_device_batch] or [
         max(1, config.batch_size // jax.device_count())]
     results['train'] = [
-        bench_train(config, b, frozen, FLAGS.steps, FLAGS.repeats)
+        bench_train(config, b, frozen, FLAGS.steps, FLAGS.repeats,
+                    FLAGS.vocab_size)
         for b in batches for frozen in (True, False)]
     print(f'train ({results["device"]} x{jax.device_count()}, '
           f'{config.model.dtype}, {config.model.encoder.arch}, '
@@ -317,7 +320,7 @@ def run(config) -> dict[str, Any]:
     batch = FLAGS.batch or config.decode.batch_size or config.batch_size
     results['decode'] = bench_decode(config, FLAGS.workdir,
                                      [int(b) for b in FLAGS.beams], batch,
-                                     FLAGS.repeats)
+                                     FLAGS.repeats, FLAGS.vocab_size)
     print(f'decode ({results["device"]}, batch {batch}, max_len '
           f'{config.data.max_len}):')
     for row in results['decode']:

@@ -39,6 +39,7 @@ import numpy as np
 import PIL.Image
 import tqdm
 
+from capjax import config as config_lib
 from capjax import decode
 from capjax import models
 from capjax.data import images as images_lib
@@ -263,7 +264,11 @@ def load_config(workdir: str, hint: str = '') -> ml_collections.ConfigDict:
     raise UserError(f'{workdir} has no {CONFIG_FILENAME}'
                     + (f'; {hint}' if hint else ''))
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # Onto today's defaults: a workdir from an older capjax lacks newer fields.
+  config = config_lib.defaults()
+  config.update(saved)
+  return config
 
 
 # ----------------------------------------------------------------------------

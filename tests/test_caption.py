@@ -214,3 +214,14 @@ def test_report_renders_in_headless_chromium(cli_run, tmp_path):
                  capture_output=True, timeout=120, check=True)
   pixels = np.asarray(Image.open(shot).convert('RGB'), float)
   assert pixels.std(axis=(0, 1)).max() > 20  # Not a blank page.
+
+
+def test_config_of_an_older_workdir_gets_newer_defaults(tmp_path):
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  saved = json.loads(shapes.get_config().to_json())
+  del saved['train']['discard_data_state']  # A field added later.
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  config = caption.load_config(str(tmp_path))
+  assert config.train.discard_data_state is False
+  assert config.data.image_size == 64 and config.model.encoder.arch == (
+      'resnet_small')
