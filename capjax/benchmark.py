@@ -80,25 +80,24 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def _variables(config, workdir: str | None,
-               vocab_size: int) -> tuple[Any, Any, int]:
-  """(model, variables, vocabulary size): trained if `workdir` is given."""
+               vocab_size: int) -> tuple[Any, Any]:
+  """(model, variables): trained if `workdir` is given."""
   if workdir:
     # pylint: disable-next=g-import-not-at-top
     from capjax import caption
     config, vocab, variables, _ = caption.load_trained(workdir)
-    return (models.build_captioner(config.model, len(vocab)), variables,
-            len(vocab))
+    return models.build_captioner(config.model, len(vocab)), variables
   model = models.build_captioner(config.model, vocab_size)
   d = config.data
   variables = jax.jit(model.init)(
       jax.random.key(0), jnp.zeros((1, d.image_size, d.image_size, 3)),
       jnp.zeros((1, 1, d.max_len), jnp.int32))
-  return model, variables, vocab_size
+  return model, variables
 
 
 def bench_decode(config, workdir: str | None, beams: list[int], batch: int,
                  repeats: int, vocab_size: int) -> list[dict[str, Any]]:
-  model, variables, _ = _variables(config, workdir, vocab_size)
+  model, variables = _variables(config, workdir, vocab_size)
   size = config.data.image_size
   images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
   rows = []
