@@ -12,6 +12,10 @@
           batch of random images, the model from --workdir's latest
           checkpoint (else randomly initialised: its captions run to
           max_len, the slowest case).
+  scst    the self-critical train step (config.scst: samples, baseline)
+          against the cross-entropy step of the same model and batch, and
+          the share of the step the on-device CIDEr-D reward takes (the
+          reward alone, jitted, on one device's share of the batch).
   input   images/s of the real input pipeline (TFDS + grain, JPEG decoding)
           with each --workers; needs the dataset (and TFDS, grain).
   score   seconds for BLEU-1..4, ROUGE-L and CIDEr-D (and the tokenisation
@@ -50,7 +54,7 @@ PEAK_FLOPS = {
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('what', ['train', 'decode'], 'Benchmarks to run: train, '
-                  'decode, input, score.')
+                  'decode, scst, input, score.')
 flags.DEFINE_list('per_device_batch', [], 'Train: images per device; '
                   "default: the config's batch_size over the devices.")
 flags.DEFINE_integer('steps', 10, 'Train: steps per timed run.')
@@ -191,6 +195,78 @@ def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
   }
 
 
+def bench_scst(config, per_device_batch: int, steps: int, repeats: int,
+               vocab_size: int) -> dict[str, Any]:
+  """Seconds per SCST step and per cross-entropy step, and the reward's."""
+  # pylint: disable=g-import-not-at-top
+  from capjax import optimizer
+  from capjax import parallel
+  from capjax import scst
+  from capjax import train
+  from capjax.metrics import cider_jax
+  # pylint: enable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.batch_size = per_device_batch * jax.device_count()
+  s = config.scst
+  model = models.build_captioner(config.model, vocab_size)
+  par = parallel.Parallel(config)
+  host_batch, _ = synthetic_batch(config, config.batch_size, vocab_size)
+  host_batch['references'] = synthetic_batch(  # [B, R, L]
+      _with_k(config, s.max_references), config.batch_size, vocab_size,
+      seed=1)[0]['captions']
+  # Document frequencies of 5,000 images' references, COCO's test size.
+  corpus = synthetic_batch(_with_k(config, s.max_references), 5_000,
+                           vocab_size, seed=2)[0]['captions'][..., 1:]
+  table = cider_jax.DocumentFrequencies.build(
+      corpus.reshape(-1, corpus.shape[-1]),
+      np.repeat(np.arange(5_000), s.max_references), eos=s.eos)
+  batch = par.put_batch(host_batch)
+  rng = jax.random.key(1)
+  out = {'per_device_batch': per_device_batch, 'samples': s.num_samples,
+         'baseline': s.baseline, 'devices': jax.device_count()}
+  for name, fn, extra in (
+      ('cross_entropy', train.train_step, ()),
+      ('scst', scst.train_step, (par.put_constant(table),))):
+    state = jax.jit(functools.partial(train.create_train_state, config, model,
+                                      None), out_shardings=par.replicated)(
+                                          jax.random.key(0))
+    tx = optimizer.make(config, state.params)
+    step = par.step(functools.partial(fn, model=model, tx=tx, config=config),
+                    constant_argnums=(3,) if extra else ())
+    state = par.put_state(state)
+
+    def run(step=step, extra=extra):
+      nonlocal state
+      for _ in range(steps):
+        state, _ = step(state, batch, rng, *extra)
+      return state
+
+    out[f'{name}_step_seconds'] = _median_seconds(run, repeats) / steps
+  # The reward alone, on one device's share: what each device computes.
+  b = per_device_batch
+  k = s.num_samples + (s.baseline == 'greedy')
+  candidates = jnp.asarray(synthetic_batch(
+      _with_k(config, k), b, vocab_size, seed=3)[0]['captions'][..., 1:])
+  reward = jax.jit(functools.partial(cider_jax.cider_d, eos=s.eos))
+  refs = jnp.asarray(host_batch['references'][:b, :, 1:])
+  device_table = jax.device_put(table, jax.local_devices()[0])
+  out['reward_seconds'] = _median_seconds(
+      lambda: reward(candidates, refs, device_table), repeats)
+  out['reward_fraction'] = out['reward_seconds'] / out['scst_step_seconds']
+  out['scst_over_cross_entropy'] = (out['scst_step_seconds'] /
+                                    out['cross_entropy_step_seconds'])
+  return out
+
+
+def _with_k(config, k: int):
+  """`config` with k captions per image (for synthetic batches)."""
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.data.captions_per_image = k
+  return config
+
+
 def bench_input(config, workdir: str | None, workers: list[int],
                 batches: int, repeats: int) -> list[dict[str, Any]]:
   """Images/s of the training input pipeline on the real dataset."""
@@ -325,6 +401,24 @@ def run(config) -> dict[str, Any]:
     for row in results['decode']:
       print(f'  beam {row["beam"]}: {row["captions_per_second"]:9.1f} '
             f'captions/s ({row["seconds"] * 1e3:.1f} ms per batch)')
+  if 'scst' in FLAGS.what:
+    batches = [int(b) for b in FLAGS.per_device_batch] or [
+        max(1, config.batch_size // jax.device_count())]
+    results['scst'] = [bench_scst(config, b, FLAGS.steps, FLAGS.repeats,
+                                  FLAGS.vocab_size) for b in batches]
+    print(f'scst ({results["device"]} x{jax.device_count()}, '
+          f'{config.model.dtype}, encoder frozen='
+          f'{config.model.encoder.frozen}):')
+    print('  batch/dev  samples  baseline   CE ms/step  SCST ms/step  '
+          'SCST/CE  reward ms  reward share')
+    for r in results['scst']:
+      print(f'  {r["per_device_batch"]:>9} {r["samples"]:>8} '
+            f'{r["baseline"]:>9} '
+            f'{r["cross_entropy_step_seconds"] * 1e3:>12.1f} '
+            f'{r["scst_step_seconds"] * 1e3:>13.1f} '
+            f'{r["scst_over_cross_entropy"]:>8.2f} '
+            f'{r["reward_seconds"] * 1e3:>10.2f} '
+            f'{100 * r["reward_fraction"]:>12.1f}%')
   if 'input' in FLAGS.what:
     results['input'] = bench_input(config, FLAGS.workdir,
                                    [int(w) for w in FLAGS.workers],

@@ -40,6 +40,13 @@ def meta(config: ml_collections.ConfigDict, vocab: Vocab) -> dict[str, Any]:
   }
 
 
+# Model fields that leave the parameters as they are: a run started from
+# another's weights (config.init_from) may set them otherwise.
+_PARAMETER_FREE = ('model.dtype', 'model.encoder.frozen',
+                   'model.encoder.freeze_bn', 'model.encoder.pretrained',
+                   'model.decoder.dropout')
+
+
 def _differences(saved: Any, current: Any, prefix: str = '') -> list[str]:
   if isinstance(saved, dict) and isinstance(current, dict):
     out = []
@@ -213,6 +220,64 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def locate(init_from: str) -> tuple[str, str, int | None]:
+  """config.init_from -> (its workdir, its checkpoints folder, step or None).
+
+  A workdir means its best checkpoint (None); WORKDIR/checkpoints/STEP that
+  step.
+  """
+  path = os.path.abspath(os.path.expanduser(init_from))
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return path, os.path.join(path, 'checkpoints'), None
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(path):
+    directory = os.path.dirname(path)
+    return os.path.dirname(directory), directory, int(name)
+  raise UserError(f'--config.init_from={init_from} is neither a workdir with '
+                  'checkpoints nor a checkpoint (WORKDIR/checkpoints/STEP)')
+
+
+def load_weights(init_from: str, config: ml_collections.ConfigDict,
+                 abstract_state: Any, meta_data: dict[str, Any]
+                 ) -> tuple[Any, Any, int]:
+  """(params, batch_stats, step) of `config.init_from`'s checkpoint.
+
+  A workdir gives its best checkpoint by validation CIDEr-D, or its latest
+  when none has metrics. Only the model is read: the optimizer state of
+  that run (which may have another optimizer) is not.
+  """
+  _, directory, step = locate(init_from)
+  checkpoints = Checkpoints(directory, config, create=False)
+  try:
+    steps = checkpoints.steps()
+    if step is None and steps:
+      # orbax has no best step when no checkpoint has metrics.
+      step = checkpoints.manager.best_step() or steps[-1]
+    if step not in steps:
+      raise UserError(f'no checkpoint {step or ""} in {directory} '
+                      '(--config.init_from)')
+    saved = checkpoints.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+    differences = [d for d in _differences(
+        {'model': saved['model'], 'vocab': saved['vocab']}, meta_data)
+                   if not d.startswith(_PARAMETER_FREE)]
+    if differences:
+      raise UserError(
+          f'--config.init_from={init_from} holds another model or vocabulary '
+          f'({"; ".join(differences[:5])}); start from a run of this model')
+    target = {'params': abstract_state.params,
+              'batch_stats': abstract_state.batch_stats}
+    restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            target, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                target))))['state']
+  finally:
+    checkpoints.close()
+  logging.info('Initialised from step %d of %s.', step, directory)
+  return restored['params'], restored['batch_stats'], step
 
 
 def _first_line(error: Exception) -> str:

@@ -15,6 +15,12 @@ def defaults() -> ml_collections.ConfigDict:
   # Data parallelism: 'jit' (jax.jit over a device mesh, the form JAX
   # recommends) or 'pmap' (jax.pmap). Both run the same per-device step.
   config.parallel = 'jit'
+  # Start a new run from another run's model weights (the optimizer and the
+  # data order start afresh): a workdir (its best checkpoint by validation
+  # CIDEr-D, else its latest) or one checkpoint, WORKDIR/checkpoints/STEP.
+  # The model must have the same parameters and vocabulary. Once this
+  # workdir has checkpoints of its own, it resumes from those instead.
+  config.init_from = ''
 
   config.data = d = ml_collections.ConfigDict()
   d.name = 'shapes'  # 'shapes', 'coco_captions' or 'caption_files'.
@@ -75,6 +81,10 @@ def defaults() -> ml_collections.ConfigDict:
   dc.dropout = 0.5  # On the deep output layer's input (Xu et al. 2015).
 
   config.train = t = ml_collections.ConfigDict()
+  # 'cross_entropy' (teacher forcing on the reference captions) or 'scst'
+  # (self-critical training of CIDEr-D, from a cross-entropy model: see
+  # config.scst and config.init_from).
+  t.objective = 'cross_entropy'
   t.num_steps = 100_000  # Training steps, each on one batch of batch_size images.
   t.learning_rate = 4e-4  # Peak learning rate of the decoder (AdamW).
   t.warmup_steps = 1_000  # Linear warm-up from 0 to the peak.
@@ -104,6 +114,27 @@ def defaults() -> ml_collections.ConfigDict:
   # optimizer are restored, the data order starts afresh (a checkpoint's data
   # position only fits the process count that wrote it).
   t.discard_data_state = False
+
+  # Self-critical sequence training (train.objective='scst'; capjax/scst.py).
+  config.scst = s = ml_collections.ConfigDict()
+  s.num_samples = 5  # Captions sampled per image and step.
+  # 'greedy': the baseline is the reward of the arg-max caption (Rennie et
+  # al. 2017); 'mean': the mean reward of the image's other samples (Luo
+  # 2020; needs num_samples >= 2, and decodes no greedy caption).
+  s.baseline = 'greedy'
+  s.temperature = 1.0  # Of the sampling distribution.
+  # <eos> is banned before this many words, in the samples and the baseline.
+  s.min_words = 1
+  # <eos> counts as a token of the reward's n-grams, so that captions which
+  # stop mid-phrase ("... with a") match no reference's ending.
+  s.eos = True
+  s.ban_unk = True  # Never sample <unk>.
+  # Weight of a cross-entropy term on the batch's captions added to the
+  # SCST loss (0: pure SCST).
+  s.ce_weight = 0.0
+  # References per image the reward compares with (images with more keep
+  # their first ones; COCO has 5 to 7). Document frequencies count them all.
+  s.max_references = 5
 
   config.eval = ev = ml_collections.ConfigDict()
   # Validation during training: loss, captions of the same images decoded with

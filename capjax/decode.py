@@ -8,8 +8,9 @@ carry is the only per-beam cache (gathered by beam index at every step); the
 image features and their attention keys are per image and shared by its
 beams, so they are never copied or gathered.
 
-`greedy` is the arg-max decoder the training job uses for its sample
-captions: a fixed-length `lax.scan`, cheaper to compile than the search.
+`sample` draws captions (or takes the arg-max: greedy decoding) in a
+fixed-length `lax.scan`, with the log-probabilities self-critical training
+differentiates.
 
 Shapes: B images, W beams, T = max_len - 1 generated positions (<bos> is
 not part of the output; <eos> is, then <pad>), V words, P attention
@@ -33,33 +34,91 @@ NEG_INF = -1e30  # Finite, so that sums and comparisons stay well defined.
 StepFn = Callable[[Any, jax.Array], tuple[Any, jax.Array, jax.Array]]
 
 
-def greedy(model: nn.Module, variables, images: jax.Array,
-           max_len: int) -> tuple[jax.Array, jax.Array]:
-  """Arg-max captions of `images` [B, S, S, 3].
+def draw(rng: jax.Array, logp: jax.Array) -> jax.Array:
+  """One word per row of log-probabilities logp [..., V], by inverse CDF.
 
-  Returns tokens [B, max_len - 1] (no <bos>; <eos> then <pad> after the
-  end) and the attention of every step [B, max_len - 1, P]. Like the beam
-  search, it never generates <pad> or <bos>.
+  `jax.random.categorical` (Gumbel-max) draws V random numbers per row; this
+  draws one, and the cumulative sum costs less than V random numbers: 9 ms
+  instead of 62 ms for [64, 5, 10,000] on a 2-core CPU, where sampling was
+  over half of a self-critical step. Words of probability 0 (banned, or
+  underflowed) are never drawn.
   """
-  cache = model.apply(variables, images, method='decode_prepare')
-  carry = model.apply(variables, cache, 1, method='decode_initial_carry')
-  batch = images.shape[0]
+  p = jnp.exp(logp)
+  cdf = jnp.cumsum(p, -1)  # [..., V]
+  u = jax.random.uniform(rng, logp.shape[:-1] + (1,)) * cdf[..., -1:]
+  # The first word whose cumulative probability passes u; at most the last
+  # possible word, should rounding put u at the total.
+  last = logp.shape[-1] - 1 - jnp.argmax(p[..., ::-1] > 0, -1)
+  return jnp.minimum(jnp.sum(cdf <= u, -1), last)
 
-  def body(state, _):
-    carry, tokens, done = state  # tokens [B, 1], done [B, 1]
+
+@flax.struct.dataclass
+class Samples:
+  """Sampled (or arg-max) captions, k per image."""
+  tokens: jax.Array  # int32 [B, k, T]: words, <eos>, then <pad>.
+  logprobs: jax.Array  # float32 [B, k, T]: log p of each token; 0 after.
+  entropy: jax.Array  # float32 [B, k, T]: of each step's distribution.
+  alphas: jax.Array  # float32 [B, k, T, P]
+
+
+def sample(model: nn.Module, variables, cache, rng: jax.Array | None, *,
+           num_samples: int, max_len: int, temperature: float = 1.0,
+           min_words: int = 0, ban_unk: bool = False) -> Samples:
+  """Captions drawn word by word from the model, `num_samples` per image.
+
+  A fixed-length `lax.scan` over the model's single step (evaluation mode:
+  no dropout), batched over images x samples; the image cache
+  (`decode_prepare`) is per image and shared by its samples. <pad> and <bos>
+  are never drawn, nor <unk> with `ban_unk`, nor <eos> before `min_words`
+  words.
+
+  Args:
+    model, variables: the captioner and its variables.
+    cache: `model.apply(variables, images, method='decode_prepare')`.
+    rng: draws from softmax(logits / temperature); None takes the arg-max
+      (greedy decoding).
+    num_samples: k, captions per image.
+    max_len: caption length with <bos>: T = max_len - 1 tokens are drawn.
+    temperature: of the sampling distribution (and of `logprobs`).
+    min_words: <eos> is banned at the first `min_words` positions.
+    ban_unk: never draw <unk>.
+
+  Returns:
+    The captions; `logprobs` are differentiable in `variables`.
+  """
+  carry = model.apply(variables, cache, num_samples,
+                      method='decode_initial_carry')
+  batch = jax.tree.leaves(cache)[0].shape[0]
+  banned = [PAD, BOS] + ([UNK] if ban_unk else [])
+
+  def body(state, t):
+    carry, tokens, done = state  # tokens, done: [B, k]
     carry, logits, alpha = model.apply(variables, carry, tokens, cache,
                                        method='decode_step')
-    logits = logits.at[..., jnp.array([PAD, BOS])].set(-jnp.inf)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, 1]
-    tokens = jnp.where(done, PAD, tokens)
-    done = done | (tokens == EOS)
-    return (carry, tokens, done), (tokens[:, 0], alpha[:, 0])
+    logits = logits / temperature  # [B, k, V]
+    logits = logits.at[..., jnp.array(banned)].set(NEG_INF)
+    logits = logits.at[..., EOS].set(
+        jnp.where(t < min_words, NEG_INF, logits[..., EOS]))
+    logp = jax.nn.log_softmax(logits)  # [B, k, V]
+    if rng is None:
+      tokens = jnp.argmax(logits, axis=-1)
+    else:
+      tokens = draw(jax.random.fold_in(rng, t), logp)
+    tokens = jnp.where(done, PAD, tokens.astype(jnp.int32))  # [B, k]
+    chosen = jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+    # NEG_INF is finite, so banned words add 0 * NEG_INF = 0 here.
+    entropy = -jnp.sum(jnp.exp(logp) * logp, -1)  # [B, k]
+    outputs = (tokens, jnp.where(done, 0.0, chosen),
+               jnp.where(done, 0.0, entropy), alpha)
+    return (carry, tokens, done | (tokens == EOS)), outputs
 
-  start = (carry, jnp.full((batch, 1), BOS, jnp.int32),
-           jnp.zeros((batch, 1), bool))
-  # A fixed number of steps: a few sample captions do not need early exit.
-  _, (tokens, alphas) = jax.lax.scan(body, start, length=max_len - 1)
-  return tokens.T, alphas.transpose(1, 0, 2)
+  start = (carry, jnp.full((batch, num_samples), BOS, jnp.int32),
+           jnp.zeros((batch, num_samples), bool))
+  # A fixed number of steps: the samples of a batch end at different times.
+  _, outputs = jax.lax.scan(body, start, jnp.arange(max_len - 1))
+  tokens, logprobs, entropy, alphas = jax.tree.map(
+      lambda x: jnp.moveaxis(x, 0, 2), outputs)  # time after [B, k]
+  return Samples(tokens, logprobs, entropy, alphas)
 
 
 # ----------------------------------------------------------------------------

@@ -55,15 +55,29 @@ class Parallel:
     """Canonical state -> the form the wrapped step takes."""
     if self.kind == 'jit':
       return jax.device_put(state, self.replicated)
-    n = jax.local_device_count()
-    # pmap copies each replica to its device on the first call.
-    return jax.tree.map(lambda x: _stack(_local(x), n), state)
+    return self._replicas(jax.tree.map(_local, state))
 
   def get_state(self, state: Any) -> Any:
     """The wrapped step's state -> canonical (the first replica for pmap)."""
     if self.kind == 'jit':
       return state
     return jax.tree.map(lambda x: x[0], state)
+
+  def put_constant(self, tree: Any) -> Any:
+    """A tree the steps read but never change (a lookup table), placed on
+    every device once; name its argument in `step(constant_argnums=...)`."""
+    if self.kind == 'jit':
+      return jax.device_put(tree, self.replicated)
+    return self._replicas(tree)
+
+  def _replicas(self, tree: Any) -> Any:
+    # A copy on every local device, as pmap's own outputs are: pmap then
+    # reads them in place, and sees the same kind of input at every call
+    # (host arrays at the first call and device ones after would compile
+    # the step twice).
+    n = jax.local_device_count()
+    return jax.pmap(lambda x: x, axis_name=AXIS)(
+        jax.tree.map(lambda x: _stack(x, n), tree))
 
   # --- Batches. -----------------------------------------------------------
 
@@ -79,12 +93,14 @@ class Parallel:
   # --- Steps. -------------------------------------------------------------
 
   def step(self, fn: Callable[..., Any], donate_state: bool = True,
-           batch_argnums: tuple[int, ...] = (1,)) -> Callable[..., Any]:
+           batch_argnums: tuple[int, ...] = (1,),
+           constant_argnums: tuple[int, ...] = ()) -> Callable[..., Any]:
     """Wraps `fn(state, batch, *rest) -> outputs`, written per device.
 
     The state (argument 0) is in `put_state` form; arguments in
     `batch_argnums` are split over devices (`put_batch` form); the others
-    (an rng) are the same everywhere. When `donate_state`, the first output
+    (an rng) are the same everywhere, and those in `constant_argnums` are
+    already placed by `put_constant`. When `donate_state`, the first output
     is the new state (same form) and the rest must be the same on every
     device (reduced with `lax.pmean` / `psum`); otherwise all outputs must.
     """
@@ -93,13 +109,14 @@ class Parallel:
       mapped = jax.pmap(fn, axis_name=AXIS, donate_argnums=donate)
 
       def call(*args):
-        out = mapped(*_pmap_args(args, batch_argnums))
+        out = mapped(*_pmap_args(args, batch_argnums + constant_argnums))
         if donate_state:
           return (out[0],) + tuple(jax.tree.map(lambda x: x[0], o)
                                    for o in out[1:])
         return jax.tree.map(lambda x: x[0], out)
       # For cost analysis (benchmarks): the compiled step of these arguments.
-      call.lower = lambda *args: mapped.lower(*_pmap_args(args, batch_argnums))
+      call.lower = lambda *args: mapped.lower(
+          *_pmap_args(args, batch_argnums + constant_argnums))
       return call
 
     # The step's outputs are replicated by its own pmean/psum.
@@ -149,11 +166,11 @@ class Parallel:
     return call
 
 
-def _pmap_args(args, batch_argnums):
-  # What is the same everywhere (not the state or a batch) gets its device
-  # axis here.
+def _pmap_args(args, placed_argnums):
+  # What is the same everywhere (not the state, a batch or a constant) gets
+  # its device axis here.
   n = jax.local_device_count()
-  return [a if i == 0 or i in batch_argnums
+  return [a if i == 0 or i in placed_argnums
           else jax.tree.map(lambda x: _stack(x, n), a)
           for i, a in enumerate(args)]
 

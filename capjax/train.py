@@ -157,27 +157,41 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, parallel.AXIS)
   sums = jax.lax.psum(sums, parallel.AXIS)
-  updates_tx, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates_tx)
   batch_stats = state.batch_stats
   if bn_trains:
     # Each device normalised its own share; keep one average of the stats.
     batch_stats = jax.lax.pmean(updates['batch_stats'], parallel.AXIS)
-  grad_norm = optax.tree.norm(grads)
   ce = sums['ce'] / sums['tokens']
   penalty = sums['penalty'] / sums['captions']
   loss = ce + t.attention_penalty * penalty
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new = TrainState(step=state.step + 1, params=params,
-                   batch_stats=batch_stats, opt_state=opt_state)
-  state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
-                       state.replace(step=state.step + 1))
+  state, grad_norm, finite = apply_gradients(state, grads, loss, tx,
+                                             batch_stats)
   metrics = {
       'loss': loss, 'cross_entropy': ce, 'attention_penalty': penalty,
       'token_accuracy': sums['correct'] / sums['tokens'],
       'grad_norm': grad_norm, 'nonfinite': ~finite,
   }
   return state, metrics
+
+
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array,
+                    tx: optax.GradientTransformation, batch_stats: Any = None
+                    ) -> tuple[TrainState, jax.Array, jax.Array]:
+  """The optimizer update, applied only if `loss` and `grads` are finite.
+
+  Returns the new state (its step counts either way), the gradient norm and
+  whether the update was applied.
+  """
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = TrainState(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates),
+      batch_stats=state.batch_stats if batch_stats is None else batch_stats,
+      opt_state=opt_state)
+  state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
+                       state.replace(step=state.step + 1))
+  return state, grad_norm, finite
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
@@ -215,6 +229,26 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
+OBJECTIVES = ('cross_entropy', 'scst')
+
+
+def _state_of(params, batch_stats, *, tx) -> TrainState:
+  """A fresh state (step 0, new optimizer) around given weights."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=batch_stats, opt_state=tx.init(params))
+
+
+def _copy_vocab(source_workdir: str, workdir: str) -> None:
+  """A run started from another one's weights needs its token ids."""
+  # pylint: disable-next=g-import-not-at-top
+  from capjax.data import vocab as vocab_lib
+  source = os.path.join(source_workdir, vocab_lib.FILENAME)
+  target = os.path.join(workdir, vocab_lib.FILENAME)
+  if os.path.exists(source) and not os.path.exists(target):
+    os.makedirs(workdir, exist_ok=True)
+    vocab_lib.Vocab.load(source).save(target)
+
+
 def _learning_rate(config, step: int) -> float:
   t = config.train
   return float(optimizer.learning_rate(config, t.learning_rate)(
@@ -232,6 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   from capjax import checkpoint as checkpoint_lib
   from capjax import pretrained
   from capjax import evaluate
+  from capjax import scst
   from capjax.data import datasets
   from capjax.data import pipeline
   from capjax.data import prepare
@@ -239,6 +274,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   t = config.train
   is_chief = jax.process_index() == 0
+  if t.objective not in OBJECTIVES:
+    raise UserError(f'unknown --config.train.objective={t.objective!r}; '
+                    f'choose one of {", ".join(OBJECTIVES)}')
+  self_critical = t.objective == 'scst'
+  if self_critical:
+    scst.check_config(config)
+  if config.init_from and is_chief:
+    _copy_vocab(checkpoint_lib.locate(config.init_from)[0], workdir)
   # ---------------------------------------------------------------- input
   data = prepare.prepare(config, workdir)
   par = parallel.Parallel(config)
@@ -260,6 +303,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   restored = checkpoints.restore(abstract, train_iter, meta)
   if restored:
     state, start = restored
+  elif config.init_from:
+    start = 0
+    params, batch_stats, _ = checkpoint_lib.load_weights(
+        config.init_from, config, abstract, meta)
+    state = jax.jit(functools.partial(_state_of, tx=tx),
+                    out_shardings=par.replicated)(params, batch_stats)
+  elif self_critical:
+    raise UserError('self-critical training starts from a cross-entropy '
+                    'model: set --config.init_from to its workdir')
   else:
     start = 0
     encoder_weights = None
@@ -289,8 +341,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                           logdir=workdir))
 
   # --------------------------------------------------------------- update
-  p_train = par.step(functools.partial(train_step, model=model, tx=tx,
-                                       config=config))
+  if self_critical:
+    table = scst.document_frequencies(
+        datasets.references(data.builder, config.data.train_split),
+        data.vocab, config)
+    step_args = (par.put_constant(table),)
+    p_train = par.step(functools.partial(scst.train_step, model=model, tx=tx,
+                                         config=config), constant_argnums=(3,))
+  else:
+    step_args = ()
+    p_train = par.step(functools.partial(train_step, model=model, tx=tx,
+                                         config=config))
   p_eval = par.step(functools.partial(eval_step, model=model, config=config),
                     donate_state=False)
   search = evaluate.SearchOptions.of(config.decode)
@@ -312,7 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       while step < t.num_steps:
         step += 1
         batch = par.put_batch(next(train_iter))
-        state, metrics = p_train(state, batch, step_rng)
+        state, metrics = p_train(state, batch, step_rng, *step_args)
         pending.append(metrics)
         for hook in hooks:
           hook(step)
@@ -323,7 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             last or step % config.eval.every_steps == 0)
         if save or validate or step % t.log_every_steps == 0:
           now = time.perf_counter()
-          _write_train_metrics(writer, config, step, pending, now - since)
+          _write_train_metrics(writer, config, step, pending, now - since,
+                               data.vocab)
           pending, since = [], now
         eval_metrics = None
         if validate:
@@ -354,11 +416,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 
 def _write_train_metrics(writer, config, step: int, pending: list,
-                         seconds: float | None = None) -> None:
-  """Fetches the metrics of `pending` steps (one host sync) and logs them."""
+                         seconds: float | None = None, vocab=None) -> None:
+  """Fetches the metrics of `pending` steps (one host sync) and logs them.
+
+  Scalars are averaged over the steps; the self-critical step's `examples`
+  (token ids) and `example_rewards` of the last step are logged as text.
+  """
   if not pending:
     return
   fetched = jax.device_get(pending)
+  examples = [m.pop('examples', None) for m in fetched][-1]
+  rewards = [m.pop('example_rewards', None) for m in fetched][-1]
+  if examples is not None and vocab is not None:
+    lines = [f'reward {r:.3f}: {vocab.decode(e)}'
+             for e, r in zip(examples, rewards)]
+    writer.write_texts(step, {'train/samples': '\n'.join(lines)})
+    for line in lines:
+      logging.info('Sample: %s', line)
   first = step - len(fetched) + 1
   bad = [first + i for i, m in enumerate(fetched) if m['nonfinite']]
   if bad:

@@ -12,7 +12,8 @@ def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'capjax.benchmark', '--config=configs/test.py',
        f'--config.data.data_dir={shapes_data_dir}',
-       '--what=train,decode,input,score', '--per_device_batch=1', '--steps=1',
+       '--what=train,decode,scst,input,score', '--per_device_batch=1',
+       '--steps=1',
        '--beams=1,2', '--batch=8', '--workers=0', '--input_batches=2',
        '--repeats=1', '--score_images=50',
        f'--json={out}'],
@@ -30,6 +31,11 @@ def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
   assert train['frozen']['mfu'] is None  # No peak known for a CPU.
   assert [r['beam'] for r in results['decode']] == [1, 2]
   assert all(r['captions_per_second'] > 0 for r in results['decode'])
+  scst = results['scst'][0]
+  assert scst['scst_step_seconds'] > 0
+  assert scst['cross_entropy_step_seconds'] > 0
+  assert 0 < scst['reward_fraction'] < 1
   assert results['input'][0]['images_per_second'] > 0
   assert results['score']['images'] == 50 and results['score']['metrics'] > 0
   assert 'fine-tuned' in proc.stdout and 'beam 2:' in proc.stdout
+  assert 'reward share' in proc.stdout

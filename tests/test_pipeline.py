@@ -102,6 +102,25 @@ def test_caption_sampling_covers_few_and_many():
   assert list((out['captions'] > 0).sum(-1)) == [5, 6, 7, 8, 9]
 
 
+def test_references_are_every_caption_in_order():
+  preprocess = pipeline.Preprocess(VOCAB, 8, 1, 12, 'imagenet', references=5)
+  for count in (2, 7):
+    example = _source(1, captions_per_example=count)[0]
+    out = preprocess(example, np.random.default_rng(0))
+    kept = min(count, 5)
+    np.testing.assert_array_equal(
+        out['references'][:kept],
+        VOCAB.encode_batch([t.decode() for t in
+                            example['captions']['text'][:kept]], 12))
+    assert (out['references'][kept:] == vocab_lib.PAD).all()
+  config = _config()
+  config.train.objective = 'scst'
+  batch = next(iter(pipeline.train_dataset(config, _source(8), VOCAB,
+                                           process_index=0,
+                                           process_count=1)))
+  assert batch['references'].shape == (4, config.scst.max_references, 8)
+
+
 def test_train_shards_are_disjoint_and_cover_an_epoch():
   source = _source(16)
   config = _config(batch_size=4)

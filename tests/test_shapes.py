@@ -3,7 +3,6 @@
 import re
 
 import numpy as np
-import pytest
 import tensorflow_datasets as tfds
 
 from capjax.data import scenes

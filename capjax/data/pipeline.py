@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from capjax.data import datasets
-from capjax.data.vocab import Vocab
+from capjax.data.vocab import PAD, Vocab
 from capjax.errors import UserError
 
 # RGB statistics of ImageNet (torchvision / timm models).
@@ -72,6 +72,7 @@ class Preprocess:
   captions_per_image: int
   max_len: int
   normalization: str
+  references: int = 0  # R > 0: also every caption of the image, [R, L].
 
   def __call__(self, example: dict, rng: np.random.Generator | None) -> dict:
     """With `rng`, K captions are sampled; without, the first K are taken.
@@ -89,7 +90,15 @@ class Preprocess:
                               rng.choice(len(texts), k - len(texts))])
     image = resize(np.asarray(example['image']), self.image_size)
     pad = example.get('_pad', False)  # Set by `eval_dataset`.
-    return {
+    out = {}
+    if self.references:
+      # The first R in dataset order, then rows of <pad>: none.
+      out['references'] = np.full((self.references, self.max_len), PAD,
+                                  np.int32)
+      kept = texts[:self.references]
+      out['references'][:len(kept)] = self.vocab.encode_batch(kept,
+                                                              self.max_len)
+    return out | {
         'image': normalize(image, self.normalization),  # [H, W, 3]
         'captions': self.vocab.encode_batch(  # [K, L]
             [texts[i] for i in picks], self.max_len),
@@ -106,8 +115,11 @@ def _preprocess(config: ml_collections.ConfigDict, vocab: Vocab) -> Preprocess:
   if d.captions_per_image < 1 or d.max_len < 3:
     raise UserError('--config.data.captions_per_image must be >= 1 and '
                     '--config.data.max_len >= 3 (<bos>, a word, <eos>)')
+  references = 0
+  if config.train.objective == 'scst':
+    references = config.scst.max_references
   return Preprocess(vocab, d.image_size, d.captions_per_image, d.max_len,
-                    d.normalization)
+                    d.normalization, references)
 
 
 def process_batch_size(config: ml_collections.ConfigDict,
@@ -135,8 +147,10 @@ def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
 
   Batches: `image` [b, H, W, 3] float32, `captions` [b, K, L] int32,
   `image/id` [b] int64, `mask` [b] bool (all true), with b the per-process
-  batch size. Process p's batch i is rows p*b..(p+1)*b-1 of global batch i,
-  so N processes train on exactly the batches one process would.
+  batch size; for self-critical training also `references` [b, R, L], every
+  caption of each image (up to R, then rows of <pad>). Process p's batch i
+  is rows p*b..(p+1)*b-1 of global batch i, so N processes train on exactly
+  the batches one process would.
   """
   if process_index is None:
     process_index, process_count = jax.process_index(), jax.process_count()

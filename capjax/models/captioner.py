@@ -15,6 +15,8 @@ Variables: params {'encoder', 'decoder'} and batch_stats {'encoder'}.
   # A trainable encoder with live BatchNorm (frozen=False, freeze_bn=False)
   # also needs mutable=['batch_stats'] when train=True.
   cache = model.apply(variables, images, method='decode_prepare')
+  # The same from features = model.apply(variables, images, method='encode'):
+  # method='prepare' for the cache, method='teacher_forcing' for the logits.
   carry = model.apply(variables, cache, beam, method='decode_initial_carry')
   carry, logits, alpha = model.apply(variables, carry, tokens, cache,
                                      method='decode_step')
@@ -101,11 +103,20 @@ class Captioner(nn.Module):
       the attention weights alphas [B, K, L-1, P] float32.
     """
     features = self.encode(images, train)  # [B, P, C], once per image
+    return self.teacher_forcing(features, captions, train)
+
+  def teacher_forcing(self, features: Array, captions: Array,
+                      train: bool = False) -> tuple[Array, Array]:
+    """`__call__` from encoded images: features [B, P, C]."""
     return self.decoder(features, captions[..., :-1], train)
 
   def decode_prepare(self, images: Array) -> decoder_lib.Cache:
     """images [B, S, S, 3] -> the decoder's per-image cache (eval mode)."""
-    return self.decoder.prepare(self.encode(images, train=False))
+    return self.prepare(self.encode(images, train=False))
+
+  def prepare(self, features: Array) -> decoder_lib.Cache:
+    """`decode_prepare` from encoded images: features [B, P, C]."""
+    return self.decoder.prepare(features)
 
   def decode_initial_carry(self, cache: decoder_lib.Cache,
                            k: int) -> decoder_lib.Carry:

@@ -1,0 +1,182 @@
+"""Self-critical sequence training: optimising CIDEr-D of sampled captions.
+
+Rennie et al. 2017 ("Self-critical Sequence Training for Image Captioning")
+fine-tune a cross-entropy model with REINFORCE on the metric itself: for
+captions w^s sampled from the model, the gradient of the expected reward is
+
+  -(r(w^s) - b) * grad log p(w^s)
+
+with a baseline b that does not depend on w^s. Two baselines:
+
+* 'greedy': b = r(w^), the reward of the model's own arg-max caption
+  (Rennie et al.'s "self-critical" baseline), so samples better than what the model would
+  say at test time are made more likely, worse ones less;
+* 'mean': b = the mean reward of the other k - 1 samples of the same image
+  (the "new SCST" of Luo 2020, "A Better Variant of Self-Critical Sequence
+  Training"), which costs no greedy decode.
+
+Everything happens in one jitted step: the encoder runs once per image,
+k captions per image are sampled by a `lax.scan` over the decoder's step
+(`decode.sample`, in evaluation mode: the policy trained is the one that
+decodes at test time, and the greedy baseline is its arg-max), and the
+reward is CIDEr-D computed on the device
+(`metrics.cider_jax`) against the image's references, with document
+frequencies of the training references computed once (`document_frequencies`).
+
+Guards against the known collapse into captions that stop mid-phrase
+("... with a"): <eos> is part of the reward's n-grams (`scst.eos`), <eos> may
+not come before `scst.min_words` words, and the logs show the fraction of
+samples that never end.
+"""
+
+import time
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from capjax import decode
+from capjax import parallel
+from capjax import train
+from capjax.data.vocab import EOS, PAD, Vocab
+from capjax.errors import UserError
+from capjax.metrics import cider_jax
+
+BASELINES = ('greedy', 'mean')
+EXAMPLES = 2  # Sampled captions of one image returned for the logs.
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  s = config.scst
+  if s.baseline not in BASELINES:
+    raise UserError(f'unknown --config.scst.baseline={s.baseline!r}; choose '
+                    f'one of {", ".join(BASELINES)}')
+  if s.num_samples < (2 if s.baseline == 'mean' else 1):
+    raise UserError(f'--config.scst.num_samples={s.num_samples} is too few: '
+                    "the 'mean' baseline needs 2 or more, 'greedy' 1 or more")
+  if s.temperature <= 0:
+    raise UserError('--config.scst.temperature must be positive')
+  if not 0 <= s.min_words < config.data.max_len - 2:
+    raise UserError(f'--config.scst.min_words={s.min_words} must be >= 0 and '
+                    f'leave room in --config.data.max_len={config.data.max_len}'
+                    ' (<bos>, the words, <eos>)')
+  if s.max_references < 1:
+    raise UserError('--config.scst.max_references must be >= 1')
+
+
+def document_frequencies(references: dict[int, list[str]], vocab: Vocab,
+                         config: ml_collections.ConfigDict
+                         ) -> cider_jax.DocumentFrequencies:
+  """The reward's df table of the training references, by image id.
+
+  The references are tokenised and cut as the batches' are (`max_len`), so
+  the reward sees the same n-grams the table counted.
+  """
+  start = time.perf_counter()
+  rows, images = [], []
+  for i, (_, captions) in enumerate(sorted(references.items())):
+    rows.append(vocab.encode_batch(captions, config.data.max_len)[:, 1:])
+    images.append(np.full(len(captions), i))
+  table = cider_jax.DocumentFrequencies.build(
+      np.concatenate(rows), np.concatenate(images), eos=config.scst.eos)
+  logging.info(
+      'CIDEr-D document frequencies of %d images (%d references): %d '
+      'n-grams, %d of them sharing a hash key, in %.1f s.', len(references),
+      sum(map(len, rows)), len(table), table.collisions,
+      time.perf_counter() - start)
+  return table
+
+
+def train_step(state: train.TrainState, batch: dict[str, jax.Array],
+               rng: jax.Array, table: cider_jax.DocumentFrequencies, *,
+               model: nn.Module, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict
+               ) -> tuple[train.TrainState, dict[str, jax.Array]]:
+  """One SCST step on this device's share of the batch.
+
+  The batch needs `references` [B, R, L] (all captions of each image) and,
+  for `scst.ce_weight`, `captions` [B, K, L]. BatchNorm uses its running
+  statistics: sampled captions are no reason to move them.
+  """
+  s = config.scst
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
+                           jax.lax.axis_index(parallel.AXIS))
+  num_devices = jax.lax.psum(1, parallel.AXIS)
+  references = batch['references'][..., 1:]  # [B, R, T]: no <bos>
+  mask = batch['mask']  # [B]
+  sampling = dict(max_len=config.data.max_len, min_words=s.min_words,
+                  ban_unk=s.ban_unk)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    features = model.apply(variables, batch['image'],
+                           method='encode')  # [B, P, C], once per image
+    cache = model.apply(variables, features, method='prepare')
+    samples = decode.sample(model, variables, cache, rng,
+                            num_samples=s.num_samples,
+                            temperature=s.temperature, **sampling)
+    candidates = samples.tokens  # [B, k, T]
+    if s.baseline == 'greedy':
+      # No gradient flows through the baseline's decode.
+      fixed = jax.lax.stop_gradient((variables, cache))
+      greedy = decode.sample(model, *fixed, None, num_samples=1, **sampling)
+      candidates = jnp.concatenate([candidates, greedy.tokens], 1)
+    rewards = cider_jax.cider_d(candidates, references, table,
+                                eos=s.eos)  # [B, k (+ 1)]
+    reward = rewards[:, :s.num_samples]  # [B, k]
+    if s.baseline == 'greedy':
+      baseline = rewards[:, s.num_samples:]  # [B, 1]
+    else:  # The mean of the other samples of the image.
+      baseline = (jnp.sum(reward, 1, keepdims=True) - reward) / (
+          s.num_samples - 1)  # [B, k]
+    baseline = jnp.broadcast_to(baseline, reward.shape)  # [B, k]
+    advantage = jnp.where(mask[:, None], reward - baseline, 0.0)  # [B, k]
+    drawn = (samples.tokens != PAD) & mask[:, None, None]  # [B, k, T]
+    sums = {
+        'pg': -jnp.sum(advantage[..., None] * samples.logprobs * drawn),
+        'tokens': jnp.sum(drawn),
+        'reward': jnp.sum(jnp.where(mask[:, None], reward, 0.0)),
+        'baseline': jnp.sum(jnp.where(mask[:, None], baseline, 0.0)),
+        'entropy': jnp.sum(samples.entropy * drawn),
+        'unended': jnp.sum(~jnp.any(samples.tokens == EOS, -1) & mask[:, None]),
+        'samples': jnp.sum(mask) * s.num_samples,
+    }
+    loss = sums['pg'] / jax.lax.psum(sums['tokens'], parallel.AXIS)
+    if s.ce_weight:
+      logits, alphas = model.apply(variables, features, batch['captions'],
+                                   train=True, method='teacher_forcing',
+                                   rngs={'dropout': jax.random.fold_in(rng, 1)})
+      ce = train.caption_losses(logits, batch['captions'], alphas, mask,
+                                config.train.label_smoothing)
+      ce_tokens = jax.lax.psum(ce['tokens'], parallel.AXIS)
+      sums['ce'], sums['ce_tokens'] = ce['ce'], ce['tokens']
+      loss = loss + s.ce_weight * ce['ce'] / ce_tokens
+    # pmean of the gradients of (n * local share) = gradient of the total.
+    return num_devices * loss, (sums, samples.tokens, reward)
+
+  grads, (sums, tokens, reward) = jax.grad(loss_fn, has_aux=True)(
+      state.params)
+  grads = jax.lax.pmean(grads, parallel.AXIS)
+  sums = jax.lax.psum(sums, parallel.AXIS)
+  loss = sums['pg'] / sums['tokens']
+  state, grad_norm, finite = train.apply_gradients(state, grads, loss, tx)
+  metrics = {
+      'loss': loss,
+      'reward': sums['reward'] / sums['samples'],
+      'baseline': sums['baseline'] / sums['samples'],
+      'entropy': sums['entropy'] / sums['tokens'],
+      'max_len_fraction': sums['unended'] / sums['samples'],
+      'sample_length': sums['tokens'] / sums['samples'],
+      'grad_norm': grad_norm, 'nonfinite': ~finite,
+      # The first image's samples on the first device, for the logs.
+      'examples': jax.lax.all_gather(tokens[0, :EXAMPLES], parallel.AXIS)[0],
+      'example_rewards': jax.lax.all_gather(
+          reward[0, :EXAMPLES], parallel.AXIS)[0],
+  }
+  if s.ce_weight:
+    metrics['cross_entropy'] = sums['ce'] / sums['ce_tokens']
+  return state, metrics

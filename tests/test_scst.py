@@ -1,0 +1,295 @@
+"""Self-critical training: sampling, the SCST step, and the SCST phase."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from capjax import decode
+from capjax import parallel
+from capjax import scst
+from capjax.data.vocab import BOS, EOS, PAD, UNK
+from capjax.errors import UserError
+from capjax.metrics import cider_jax
+from test_train import _batch
+from test_train import _init
+from test_train import _step_config
+
+
+def _scst_config(test_config, kind='jit', baseline='greedy'):
+  config = _step_config(test_config, kind)
+  config.train.objective = 'scst'
+  config.scst.baseline = baseline
+  config.scst.num_samples = 3
+  config.scst.min_words = 2
+  config.scst.max_references = 3
+  return config
+
+
+def _scst_batch(config, seed=0):
+  batch = _batch(config, seed)
+  r = config.scst.max_references
+  references = _batch(config, seed + 100)['captions']
+  while references.shape[1] < r:
+    references = np.concatenate([references, references[:, :1]], 1)
+  references = references[:, :r].copy()
+  references[1, 1:] = PAD  # An image with one reference.
+  return dict(batch, references=references)
+
+
+def _table(batch):
+  refs = batch['references'][..., 1:]
+  present = refs[..., 0] != PAD
+  images = np.broadcast_to(np.arange(len(refs))[:, None], present.shape)
+  return cider_jax.DocumentFrequencies.build(refs[present], images[present])
+
+
+def test_samples_follow_the_model_and_its_bans(test_config):
+  config = _step_config(test_config)
+  model, _, state = _init(config)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  images = jnp.asarray(_batch(config)['image'][:6])
+  max_len, min_words = 7, 2
+
+  @jax.jit
+  def run(variables, rng):
+    cache = model.apply(variables, images, method='decode_prepare')
+    return decode.sample(model, variables, cache, rng, num_samples=4,
+                         max_len=max_len, temperature=0.7,
+                         min_words=min_words, ban_unk=True)
+
+  out = run(variables, jax.random.key(3))
+  tokens = np.asarray(out.tokens)  # [6, 4, 6]
+  assert tokens.shape == (6, 4, max_len - 1)
+  assert not np.isin(tokens, [BOS, UNK]).any()
+  assert not (tokens[..., :min_words] == EOS).any()
+  assert not (tokens[..., :min_words] == PAD).any()
+  # <pad> exactly after the <eos>, and the samples differ.
+  ended = np.cumsum(tokens == EOS, -1) - (tokens == EOS)
+  np.testing.assert_array_equal(tokens == PAD, ended > 0)
+  assert len({tuple(t) for t in tokens.reshape(-1, max_len - 1)}) > 12
+  # The log-probabilities are those teacher forcing gives the samples,
+  # under the same temperature and bans.
+  captions = np.concatenate([np.full((6, 4, 1), BOS), tokens], -1)
+  logits, _ = model.apply(variables, images, captions)  # [6, 4, 6, V]
+  logits = np.array(logits) / 0.7
+  logits[..., [PAD, BOS, UNK]] = decode.NEG_INF
+  logits[..., :min_words, EOS] = decode.NEG_INF
+  logp = jax.nn.log_softmax(logits)
+  want = np.take_along_axis(np.asarray(logp), tokens[..., None], -1)[..., 0]
+  drawn = tokens != PAD
+  np.testing.assert_allclose(np.asarray(out.logprobs)[drawn], want[drawn],
+                             rtol=1e-4, atol=1e-5)
+  assert np.all(np.asarray(out.logprobs)[~drawn] == 0)
+  # Another key, other samples; the same key, the same samples.
+  assert not np.array_equal(run(variables, jax.random.key(4)).tokens, tokens)
+  np.testing.assert_array_equal(run(variables, jax.random.key(3)).tokens,
+                                tokens)
+
+
+def _run(config, steps=2):
+  model, _, state = _init(config)
+  tx = optax.adam(1e-2)
+  state = state.replace(opt_state=tx.init(state.params))
+  initial = jax.tree.map(np.array, state.params)
+  par = parallel.Parallel(config)
+  traces = []
+
+  def counted(*args):
+    traces.append(1)
+    return scst.train_step(*args, model=model, tx=tx, config=config)
+
+  step = par.step(counted, constant_argnums=(3,))
+  batches = [_scst_batch(config, seed) for seed in range(steps)]
+  table = par.put_constant(_table(batches[0]))
+  state = par.put_state(state)
+  for batch in batches:
+    state, metrics = step(state, par.put_batch(batch), jax.random.key(5),
+                          table)
+  assert len(traces) == 1  # One compilation for every step.
+  return initial, par.get_state(state), jax.device_get(metrics)
+
+
+def test_scst_step_under_jit_and_pmap(test_config):
+  initial, jitted, metrics = _run(_scst_config(test_config, 'jit'))
+  _, pmapped, pmap_metrics = _run(_scst_config(test_config, 'pmap'))
+  assert int(jitted.step) == 2 and not metrics['nonfinite']
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                       initial['decoder'], jitted.params['decoder'])
+  assert max(jax.tree.leaves(moved)) > 1e-3
+  # The same samples on the same devices: the same update.
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                 atol=1e-6), jitted.params, pmapped.params)
+  for name in ('reward', 'baseline', 'entropy', 'max_len_fraction'):
+    np.testing.assert_allclose(metrics[name], pmap_metrics[name], rtol=1e-4)
+  assert 0 <= metrics['max_len_fraction'] <= 1 and metrics['entropy'] > 0
+  assert metrics['reward'] >= 0 and metrics['sample_length'] >= 3
+  assert metrics['examples'].shape == (scst.EXAMPLES, 6)
+
+
+def test_mean_baseline_averages_the_other_samples(test_config):
+  config = _scst_config(test_config, baseline='mean')
+  _, state, metrics = _run(config, steps=1)
+  # Averaged over all samples, the mean of the others is the mean reward.
+  np.testing.assert_allclose(metrics['baseline'], metrics['reward'],
+                             rtol=1e-5)
+  assert metrics['reward'] > 0 and int(state.step) == 1
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('baseline', 'best', 'baseline'),
+    ('num_samples', 1, 'num_samples'),
+    ('min_words', 5, 'min_words'),
+    ('temperature', 0.0, 'temperature'),
+])
+def test_bad_scst_settings_are_named(test_config, field, value, match):
+  config = _scst_config(test_config, baseline='mean')
+  config.scst[field] = value
+  with pytest.raises(UserError, match=match):
+    scst.check_config(config)
+
+
+def test_scst_steps_raise_the_reward_they_optimise(test_config):
+  """Steps on one batch make its captions score higher: the gradient has
+  the sign of the reward (flip it and the greedy CIDEr-D falls)."""
+  config = _scst_config(test_config)
+  config.scst.update(num_samples=6, min_words=1)
+  model, _, state = _init(config)
+  tx = optax.adam(3e-3)
+  state = state.replace(opt_state=tx.init(state.params))
+  par = parallel.Parallel(config)
+  step = par.step(functools.partial(scst.train_step, model=model, tx=tx,
+                                    config=config), constant_argnums=(3,))
+  host_batch = _scst_batch(config)
+  table = _table(host_batch)
+  batch, placed = par.put_batch(host_batch), par.put_constant(table)
+
+  @jax.jit
+  def greedy_cider(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    cache = model.apply(variables, host_batch['image'],
+                        method='decode_prepare')
+    tokens = decode.sample(model, variables, cache, None, num_samples=1,
+                           max_len=config.data.max_len).tokens
+    return jnp.mean(cider_jax.cider_d(
+        tokens, host_batch['references'][..., 1:], table))
+
+  before = float(greedy_cider(state.params))
+  state = par.put_state(state)
+  rewards = []
+  for i in range(40):
+    state, metrics = step(state, batch, jax.random.key(i), placed)
+    rewards.append(float(metrics['reward']))
+  after = float(greedy_cider(par.get_state(state).params))
+  print(f'greedy CIDEr-D of the batch {before:.3f} -> {after:.3f}; sample '
+        f'reward {np.mean(rewards[:5]):.3f} -> {np.mean(rewards[-5:]):.3f}')
+  assert after > before + 0.3
+  assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.3
+
+
+def _tiny_coco(config):
+  config.batch_size = 8
+  config.model.encoder.arch = 'resnet_tiny'
+  for name in ('embed_dim', 'hidden_dim', 'attention_dim'):
+    config.model.decoder[name] = 16
+  config.train.num_steps = 2
+  config.eval.num_batches = 1
+  config.eval.num_samples = 1
+  config.decode.after_training = ''
+  config.data.prepare = True  # Mocked: TFDS's real call downloads nothing.
+  return config
+
+
+def test_coco_scst_config_runs_on_mock_data(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from capjax import train  # pylint: disable=g-import-not-at-top
+  from configs import coco_scst  # pylint: disable=g-import-not-at-top
+  from test_datasets import _coco_config, _coco_data_source  # pylint: disable=g-import-not-at-top
+  ce = _tiny_coco(_coco_config())
+  config = coco_scst.get_config()
+  for field in ('data', 'model', 'batch_size'):
+    config[field] = ce[field]
+  config = _tiny_coco(config)
+  config.init_from = str(tmp_path / 'ce')
+  with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
+    train.train_and_evaluate(ce, str(tmp_path / 'ce'))
+    with pytest.raises(UserError, match='init_from'):
+      bad = config.copy_and_resolve_references()
+      bad.init_from = ''
+      train.train_and_evaluate(bad, str(tmp_path / 'none'))
+    state = train.train_and_evaluate(config, str(tmp_path / 'scst'))
+  assert int(state.step) == 2
+  # COCO images have 5 to 7 captions: the batches carry up to 7.
+  assert config.scst.max_references == 7
+
+
+def test_init_from_must_be_the_same_model(test_config, tmp_path):
+  from capjax import train  # pylint: disable=g-import-not-at-top
+  test_config.train.num_steps = 1
+  test_config.eval.num_batches = 0
+  train.train_and_evaluate(test_config, str(tmp_path / 'a'))
+  for init_from, match in ((tmp_path / 'missing', 'neither a workdir'),
+                           (tmp_path / 'a', 'another model')):
+    config = test_config.copy_and_resolve_references()
+    config.model.decoder.hidden_dim = 24
+    config.init_from = str(init_from)
+    with pytest.raises(UserError, match=match):
+      train.train_and_evaluate(config, str(tmp_path / 'b'))
+  # Settings that leave the parameters alone may change; a step's folder
+  # is a checkpoint too.
+  config = test_config.copy_and_resolve_references()
+  config.model.encoder.frozen = True
+  config.model.decoder.dropout = 0.3
+  config.init_from = str(tmp_path / 'a' / 'checkpoints' / '1')
+  state = train.train_and_evaluate(config, str(tmp_path / 'c'))
+  first = jax.tree.map(np.asarray, state.params['encoder'])
+  config.init_from = str(tmp_path / 'a')
+  again = train.train_and_evaluate(config, str(tmp_path / 'd'))
+  jax.tree.map(np.testing.assert_array_equal, first,
+               jax.tree.map(np.asarray, again.params['encoder']))
+
+
+def _val_cider(workdir) -> dict[int, float]:
+  """Validation CIDEr-D by step, as the run's checkpoints recorded it."""
+  from capjax import checkpoint  # pylint: disable=g-import-not-at-top
+  from configs import test  # pylint: disable=g-import-not-at-top
+  checkpoints = checkpoint.Checkpoints(str(workdir / 'checkpoints'),
+                                       test.get_config(), create=False)
+  try:
+    return {step: checkpoints.manager.metrics(step)['val_CIDEr']
+            for step in checkpoints.steps()}
+  finally:
+    checkpoints.close()
+
+
+@pytest.mark.slow
+def test_shapes_scst_phase_raises_validation_cider(tmp_path):
+  """The README's two shapes commands, the second shortened to 200 steps
+  (about 9 minutes on 2 CPU cores)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  # One CPU device and XLA's optimisations: this trains for minutes.
+  env = dict(os.environ, XLA_FLAGS='', JAX_DISABLE_MOST_OPTIMIZATIONS='0')
+  common = [f'--config.data.data_dir={tmp_path / "tfds"}',
+            '--config.decode.after_training=']
+
+  def run(*args):
+    subprocess.run([sys.executable, '-m', 'capjax.main', *args, *common],
+                   cwd=REPO, env=env, check=True, timeout=1200)
+
+  run('--config=configs/shapes.py', f'--workdir={tmp_path / "ce"}')
+  run('--config=configs/shapes_scst.py', f'--workdir={tmp_path / "scst"}',
+      f'--config.init_from={tmp_path / "ce"}', '--config.train.num_steps=200',
+      '--config.eval.every_steps=100',
+      '--config.train.checkpoint_every_steps=100')
+  before = _val_cider(tmp_path / 'ce')[2200]
+  after = _val_cider(tmp_path / 'scst')
+  print(f'validation CIDEr-D: {before:.3f} (cross-entropy) -> {after}')
+  # Up at once, and further: no collapse when SCST starts.
+  assert before < after[100] < after[200]
+  assert after[200] > before + 0.1
