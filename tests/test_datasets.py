@@ -54,13 +54,30 @@ def _coco_data_source(builder, split, decoders=None, **kwargs):
   return Source()
 
 
-def _coco_config():
+def _coco_config(get_config=None):
+  """configs/coco.py (or a config built on it), for the mock data."""
   from configs import coco  # pylint: disable=g-import-not-at-top
-  config = coco.get_config()
+  config = (get_config or coco.get_config)()
   config.batch_size = 4
   config.data.image_size = 32
   config.data.min_count = 2
   config.data.workers = 0
+  return config
+
+
+def _tiny_coco_training(config):
+  """`config` shrunk to 2 training steps of a tiny model on the mock data."""
+  config.batch_size = 8
+  config.model.encoder.arch = 'resnet_tiny'
+  for name in ('embed_dim', 'hidden_dim', 'attention_dim'):
+    config.model.decoder[name] = 16
+  config.train.num_steps = 2
+  config.eval.num_batches = 1
+  config.eval.num_samples = 1
+  config.decode.batch_size = 8
+  config.decode.meteor = 'none'
+  # Mocked, "preparing" downloads nothing; TFDS's real call still runs.
+  config.data.prepare = True
   return config
 
 

@@ -190,29 +190,15 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
   assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.3
 
 
-def _tiny_coco(config):
-  config.batch_size = 8
-  config.model.encoder.arch = 'resnet_tiny'
-  for name in ('embed_dim', 'hidden_dim', 'attention_dim'):
-    config.model.decoder[name] = 16
-  config.train.num_steps = 2
-  config.eval.num_batches = 1
-  config.eval.num_samples = 1
-  config.decode.after_training = ''
-  config.data.prepare = True  # Mocked: TFDS's real call downloads nothing.
-  return config
-
-
 def test_coco_scst_config_runs_on_mock_data(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from capjax import train  # pylint: disable=g-import-not-at-top
   from configs import coco_scst  # pylint: disable=g-import-not-at-top
-  from test_datasets import _coco_config, _coco_data_source  # pylint: disable=g-import-not-at-top
-  ce = _tiny_coco(_coco_config())
-  config = coco_scst.get_config()
-  for field in ('data', 'model', 'batch_size'):
-    config[field] = ce[field]
-  config = _tiny_coco(config)
+  # pylint: disable-next=g-import-not-at-top
+  from test_datasets import _coco_config, _coco_data_source, _tiny_coco_training
+  ce = _tiny_coco_training(_coco_config())
+  config = _tiny_coco_training(_coco_config(coco_scst.get_config))
+  ce.decode.after_training = config.decode.after_training = ''
   config.init_from = str(tmp_path / 'ce')
   with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
     train.train_and_evaluate(ce, str(tmp_path / 'ce'))

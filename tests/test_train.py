@@ -265,19 +265,9 @@ def test_sigterm_saves_and_resumes_exactly(shapes_data_dir, tmp_path):
 
 def test_coco_config_trains_on_mock_data(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from test_datasets import _coco_config, _coco_data_source  # pylint: disable=g-import-not-at-top
-  config = _coco_config()
-  config.batch_size = 8
-  config.model.encoder.arch = 'resnet_tiny'
-  for name in ('embed_dim', 'hidden_dim', 'attention_dim'):
-    config.model.decoder[name] = 16
-  config.train.num_steps = 2
-  config.eval.num_batches = 1
-  config.eval.num_samples = 1
-  config.decode.batch_size = 8
-  config.decode.meteor = 'none'
-  # Mocked, "preparing" downloads nothing; TFDS's real call still runs.
-  config.data.prepare = True
+  # pylint: disable-next=g-import-not-at-top
+  from test_datasets import _coco_config, _coco_data_source, _tiny_coco_training
+  config = _tiny_coco_training(_coco_config())
   with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
     state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
