@@ -68,6 +68,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError('--config.scst.max_references must be >= 1')
 
 
+def mean_of_others(reward: jax.Array) -> jax.Array:
+  """reward [B, k] -> [B, k]: each sample's mean over the image's other
+  samples, the 'mean' baseline (it must not see the sample it judges)."""
+  k = reward.shape[1]
+  return (jnp.sum(reward, 1, keepdims=True) - reward) / (k - 1)
+
+
 def document_frequencies(references: dict[int, list[str]], vocab: Vocab,
                          config: ml_collections.ConfigDict
                          ) -> cider_jax.DocumentFrequencies:
@@ -130,9 +137,8 @@ def train_step(state: train.TrainState, batch: dict[str, jax.Array],
     reward = rewards[:, :s.num_samples]  # [B, k]
     if s.baseline == 'greedy':
       baseline = rewards[:, s.num_samples:]  # [B, 1]
-    else:  # The mean of the other samples of the image.
-      baseline = (jnp.sum(reward, 1, keepdims=True) - reward) / (
-          s.num_samples - 1)  # [B, k]
+    else:
+      baseline = mean_of_others(reward)  # [B, k]
     baseline = jnp.broadcast_to(baseline, reward.shape)  # [B, k]
     advantage = jnp.where(mask[:, None], reward - baseline, 0.0)  # [B, k]
     drawn = (samples.tokens != PAD) & mask[:, None, None]  # [B, k, T]

@@ -139,6 +139,12 @@ def test_mean_baseline_averages_the_other_samples(test_config):
   assert metrics['reward'] > 0 and int(state.step) == 1
 
 
+def test_mean_of_others_leaves_each_sample_out():
+  reward = jnp.array([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+  np.testing.assert_allclose(scst.mean_of_others(reward),
+                             [[4.0, 3.5, 1.5], [1.5, 1.5, 0.0]])
+
+
 @pytest.mark.parametrize('field, value, match', [
     ('baseline', 'best', 'baseline'),
     ('num_samples', 1, 'num_samples'),
