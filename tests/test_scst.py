@@ -260,7 +260,7 @@ def _val_cider(workdir) -> dict[int, float]:
 @pytest.mark.slow
 def test_shapes_scst_phase_raises_validation_cider(tmp_path):
   """The README's two shapes commands, the second shortened to 200 steps
-  (about 9 minutes on 2 CPU cores)."""
+  (about 7 minutes on 2 CPU cores)."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
