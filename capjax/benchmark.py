@@ -17,19 +17,25 @@
           the share of the step the on-device CIDEr-D reward takes (the
           reward alone, jitted, on one device's share of the batch).
   input   images/s of the real input pipeline (TFDS + grain, JPEG decoding)
-          with each --workers; needs the dataset (and TFDS, grain).
+          with each --workers, from the copy at the training resolution
+          and from the original files (--sources); on the config's dataset,
+          or on --photos photo-like 640x480 JPEGs. Needs TFDS and grain.
+          Run it under `taskset -c 0` for a per-core figure.
   score   seconds for BLEU-1..4, ROUGE-L and CIDEr-D (and the tokenisation
           before them) of --score_images images x 5 references of
           COCO-like captions, on one CPU core.
 
-train and decode need only jax, flax and optax. Compilation and a first
-warm-up run are excluded; each figure is the median of --repeats
-device-synchronised runs.
+train, decode and scst need only jax, flax, optax, absl-py, numpy and
+ml-collections: launch/gpu_benchmark.sh runs them on a bare GPU machine.
+Compilation and a first warm-up run are excluded; each figure is the median
+of --repeats device-synchronised runs.
 """
 
 import functools
 import json
+import os
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -61,6 +67,15 @@ flags.DEFINE_integer('steps', 10, 'Train: steps per timed run.')
 flags.DEFINE_integer('vocab_size', 10_000, 'Words of the random models '
                      '(COCO has about 10,000; shapes 69).')
 flags.DEFINE_list('workers', ['0', '2'], 'Input: worker processes to try.')
+flags.DEFINE_list('sources', ['copy', 'original'], "Input: read the copy at "
+                  "the training resolution ('copy') and/or the dataset's own "
+                  "files ('original').")
+flags.DEFINE_integer('photos', 0, 'Input: read this many photo-like 640x480 '
+                     "JPEGs (capjax.data.photos) instead of the config's "
+                     'dataset.')
+flags.DEFINE_string('photos_dir', None, 'Input: where the --photos dataset '
+                    'is written once and reused (default: a temporary '
+                    'folder).')
 flags.DEFINE_integer('input_batches', 20, 'Input: batches per timed run.')
 flags.DEFINE_string('workdir', None, 'A training workdir whose vocabulary and '
                     'latest checkpoint the decode benchmark uses.')
@@ -90,8 +105,10 @@ def _variables(config, workdir: str | None,
     # pylint: disable-next=g-import-not-at-top
     from capjax import caption
     config, vocab, variables, _ = caption.load_trained(workdir)
-    return models.build_captioner(config.model, len(vocab)), variables
-  model = models.build_captioner(config.model, vocab_size)
+    return models.build_captioner(
+        config.model, len(vocab), config.data.normalization), variables
+  model = models.build_captioner(config.model, vocab_size,
+                                 config.data.normalization)
   d = config.data
   variables = jax.jit(model.init)(
       jax.random.key(0), jnp.zeros((1, d.image_size, d.image_size, 3)),
@@ -103,7 +120,8 @@ def bench_decode(config, workdir: str | None, beams: list[int], batch: int,
                  repeats: int, vocab_size: int) -> list[dict[str, Any]]:
   model, variables = _variables(config, workdir, vocab_size)
   size = config.data.image_size
-  images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+  images = jax.random.randint(jax.random.key(1), (batch, size, size, 3), 0,
+                              256).astype(jnp.uint8)  # pixels, as fed
   rows = []
   for beam in beams:
     search = jax.jit(functools.partial(
@@ -137,8 +155,8 @@ def synthetic_batch(config, batch: int, vocab_size: int,
   captions = np.where(position == lengths[..., None] - 1, EOS, captions)
   captions = np.where(position >= lengths[..., None], PAD, captions)
   return {
-      'image': rng.standard_normal(
-          (batch, d.image_size, d.image_size, 3)).astype(np.float32),
+      'image': rng.integers(  # uint8 pixels, as the input pipeline sends
+          0, 256, (batch, d.image_size, d.image_size, 3), dtype=np.uint8),
       'captions': captions.astype(np.int32),
       'image/id': np.arange(batch, dtype=np.int64),
       'mask': np.ones((batch,), bool),
@@ -156,8 +174,11 @@ def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
   config = config.copy_and_resolve_references()
   config.unlock()
   config.model.encoder.frozen = frozen
+  # The fine-tuning phase's step, encoder update included, from the start.
+  config.train.encoder_from_step = 0
   config.batch_size = per_device_batch * jax.device_count()
-  model = models.build_captioner(config.model, vocab_size)
+  model = models.build_captioner(config.model, vocab_size,
+                                 config.data.normalization)
   par = parallel.Parallel(config)
   state = jax.jit(functools.partial(train.create_train_state, config, model,
                                     None), out_shardings=par.replicated)(
@@ -209,7 +230,8 @@ def bench_scst(config, per_device_batch: int, steps: int, repeats: int,
   config.unlock()
   config.batch_size = per_device_batch * jax.device_count()
   s = config.scst
-  model = models.build_captioner(config.model, vocab_size)
+  model = models.build_captioner(config.model, vocab_size,
+                                 config.data.normalization)
   par = parallel.Parallel(config)
   host_batch, _ = synthetic_batch(config, config.batch_size, vocab_size)
   host_batch['references'] = synthetic_batch(  # [B, R, L]
@@ -267,30 +289,84 @@ def _with_k(config, k: int):
   return config
 
 
+def photo_dataset(config, num_photos: int, folder: str | None = None):
+  """`config` reading a `caption_files` dataset of photo-like 640x480 JPEGs.
+
+  JPEG decoding time depends on content, so the input benchmark reads
+  photo-like images (`capjax.data.photos`) rather than flat synthetic
+  scenes. Written once to `folder` (default: a temporary folder named by
+  the count) and reused.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from capjax.data import photos
+  folder = folder or os.path.join(tempfile.gettempdir(),
+                                  f'capjax-bench-photos-{num_photos}')
+  annotations = os.path.join(folder, 'captions.json')
+  if not os.path.exists(annotations):
+    photos.write_caption_files(folder, num_photos)
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  d = config.data
+  d.name, d.builder_config = 'caption_files', f'photos{num_photos}'
+  d.manual_dir, d.annotations, d.images = folder, 'captions.json', 'images'
+  d.data_dir = os.path.join(folder, 'tfds')
+  d.train_split = d.eval_split = 'train'
+  d.prepare, d.min_count = True, 1
+  return config
+
+
 def bench_input(config, workdir: str | None, workers: list[int],
-                batches: int, repeats: int) -> list[dict[str, Any]]:
-  """Images/s of the training input pipeline on the real dataset."""
+                sources: list[str], batches: int,
+                repeats: int) -> list[dict[str, Any]]:
+  """Images/s of the training input pipeline on the real dataset.
+
+  sources: 'copy' reads the copy at the training resolution
+  (`capjax.data.resized`; its one-off build is timed too), 'original' the
+  dataset's own files, decoded at reduced scale.
+  """
   # pylint: disable=g-import-not-at-top
-  import tempfile
-  from capjax.data import datasets
   from capjax.data import pipeline
   from capjax.data import prepare
+  from capjax.data import resized
   # pylint: enable=g-import-not-at-top
   workdir = workdir or tempfile.mkdtemp(prefix='capjax-bench-')
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.data.resized_copy = False
   data = prepare.prepare(config, workdir)
-  source = datasets.data_source(data.builder, config.data.train_split)
+  split = config.data.train_split
   rows = []
-  for n in workers:
-    config = config.copy_and_resolve_references()
-    config.unlock()
-    config.data.workers = n
-    it = iter(pipeline.train_dataset(config, source, data.vocab))
-    next(it)  # Starts the threads and workers.
-    seconds = _median_seconds(
-        lambda: [next(it) for _ in range(batches)][-1]['image'], repeats)
-    rows.append({'workers': n, 'images_per_second':
-                 batches * config.batch_size / seconds})
+  for kind in sources:
+    d = config.data.copy_and_resolve_references()
+    d.resized_copy = kind == 'copy'
+    row = {'source': kind}
+    names = prepare.datasets.split_names(split)
+    if d.resized_copy and resized.missing(data.builder, names, d.image_size):
+      start = time.perf_counter()
+      prepare.build_copy(data.builder, names, d.image_size)
+      row['copy_seconds'] = time.perf_counter() - start
+    source = prepare.Data(data.builder, data.vocab, d).source(split)
+    if d.resized_copy:
+      row['copy_bytes_per_image'] = sum(
+          os.path.getsize(os.path.join(f, n)) for f in
+          [resized.directory(data.builder, d.image_size)]
+          for n in os.listdir(f) if n.split('-')[0] in names and
+          n.endswith('.array_record')) / len(source)
+    for n in workers:
+      c = config.copy_and_resolve_references()
+      c.data.workers = n
+      it = iter(pipeline.train_dataset(c, source, data.vocab))
+      next(it)  # Starts the threads and workers.
+      seconds = _median_seconds(
+          lambda: [next(it) for _ in range(batches)][-1]['image'], repeats)
+      rows.append(dict(row, workers=n, cores=_cores(),
+                       images_per_second=batches * c.batch_size / seconds))
   return rows
+
+
+def _cores() -> int:
+  """The cores this process may run on (taskset narrows them)."""
+  return len(os.sched_getaffinity(0))
 
 
 def coco_like_captions(num_images: int, refs: int = 5,
@@ -420,14 +496,23 @@ def run(config) -> dict[str, Any]:
             f'{r["reward_seconds"] * 1e3:>10.2f} '
             f'{100 * r["reward_fraction"]:>12.1f}%')
   if 'input' in FLAGS.what:
-    results['input'] = bench_input(config, FLAGS.workdir,
+    input_config = config
+    if FLAGS.photos:
+      input_config = photo_dataset(config, FLAGS.photos, FLAGS.photos_dir)
+    results['input'] = bench_input(input_config, FLAGS.workdir,
                                    [int(w) for w in FLAGS.workers],
-                                   FLAGS.input_batches, FLAGS.repeats)
-    print(f'input ({config.data.name}, {config.data.image_size} px, batch '
-          f'{config.batch_size}):')
+                                   FLAGS.sources, FLAGS.input_batches,
+                                   FLAGS.repeats)
+    print(f'input ({input_config.data.name}, {config.data.image_size} px, '
+          f'batch {config.batch_size}, {_cores()} cores):')
     for r in results['input']:
-      print(f'  {r["workers"]} workers: {r["images_per_second"]:9.1f} '
-            'images/s')
+      extra = ''
+      if 'copy_seconds' in r:
+        extra += f'  (copy made in {r["copy_seconds"]:.1f} s)'
+      if 'copy_bytes_per_image' in r:
+        extra += f'  {r["copy_bytes_per_image"] / 1e3:.1f} KB/image'
+      print(f'  {r["source"]:<8} {r["workers"]} workers: '
+            f'{r["images_per_second"]:9.1f} images/s{extra}')
   if 'score' in FLAGS.what:
     s = results['score'] = bench_score(FLAGS.score_images, FLAGS.repeats)
     print(f'score ({s["images"]} images x 5 references, one core):')

@@ -10,9 +10,10 @@
 
 The model, its vocabulary and its input settings come from a training
 workdir (`config.json`, `vocab.json`, `checkpoints/`), and are loaded once.
-Images go through the training job's own preprocessing
-(`pipeline.resize`, `pipeline.normalize`) after `images.load_rgb`, which
-turns any file a user may have into upright RGB pixels or one `ImageError`.
+Images go through the training job's own preprocessing (`images.resize`;
+the model normalises) after `images.load_rgb`, which turns any file a user
+may have into upright RGB pixels or one `ImageError`, decoding JPEGs at
+reduced scale where the model input allows.
 Files are read by a thread pool while the accelerator captions the batch
 before, and every batch has the same shape, so the search compiles once.
 
@@ -43,7 +44,6 @@ from capjax import config as config_lib
 from capjax import decode
 from capjax import models
 from capjax.data import images as images_lib
-from capjax.data import pipeline
 from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
 
@@ -102,11 +102,16 @@ def find_images(paths: Iterable[str]) -> list[str]:
   return out
 
 
-def _load(item: Image, index: int) -> tuple[str, np.ndarray]:
-  """(name, uint8 [H, W, 3]) of a path or an array; raises ImageError."""
+def _load(item: Image, index: int,
+          min_size: int | None = None) -> tuple[str, np.ndarray]:
+  """(name, uint8 [H, W, 3]) of a path or an array; raises ImageError.
+
+  A JPEG may be decoded at reduced scale, down to `min_size` a side.
+  """
   if not isinstance(item, np.ndarray):
     name = os.fspath(item)
-    return name, images_lib.load_rgb(name, max_size=MAX_DECODE_SIZE)
+    return name, images_lib.load_rgb(name, max_size=MAX_DECODE_SIZE,
+                                     min_size=min_size)
   name = f'<array {index}>'
   if item.ndim == 3 and item.shape[-1] == 1:
     item = item[..., 0]
@@ -140,7 +145,8 @@ def load_trained(workdir: str, step: int | None = None):
   if not os.path.exists(vocab_path):
     raise UserError(f'{workdir} has no {vocab_lib.FILENAME}; {hint}')
   vocab = vocab_lib.Vocab.load(vocab_path)
-  model = models.build_captioner(config.model, len(vocab))
+  model = models.build_captioner(config.model, len(vocab),
+                                 config.data.normalization)
   checkpoints = checkpoint_lib.Checkpoints(
       os.path.join(os.path.abspath(workdir), 'checkpoints'), config,
       create=False)
@@ -174,7 +180,8 @@ class Captioner:
     if self.max_len < 2:
       raise UserError(f'max_len={self.max_len} must be >= 2')
     self._read_threads = read_threads
-    model = models.build_captioner(config.model, len(vocab))
+    model = models.build_captioner(config.model, len(vocab),
+                                 config.data.normalization)
     self._search = jax.jit(functools.partial(
         decode.beam_search, model, beam_size=beam_size, max_len=self.max_len,
         alpha=alpha, num_return=beam_size, ban_unk=True))
@@ -212,19 +219,19 @@ class Captioner:
 
   def _read(self, item: Image, index: int):
     """(name, model input or None, pixels or None, error or None)."""
+    size = self.config.data.image_size
     try:
-      name, pixels = _load(item, index)
+      # Decoded no larger than the model input and the report need.
+      name, pixels = _load(item, index, max(size, REPORT_SIZE))
     except images_lib.ImageError as e:
       return e.path, None, None, e.reason
-    size = self.config.data.image_size
-    model_input = pipeline.normalize(pipeline.resize(pixels, size),
-                                     self.config.data.normalization)
+    model_input = images_lib.resize(pixels, size)
     return name, model_input, pixels, None
 
   def _caption_batch(self, loaded, attention: bool,
                      keep_pixels: bool) -> list[Result]:
     size = self.config.data.image_size
-    batch = np.zeros((self.batch_size, size, size, 3), np.float32)
+    batch = np.zeros((self.batch_size, size, size, 3), np.uint8)
     mask = np.zeros((self.batch_size,), bool)
     for i, (_, model_input, _, _) in enumerate(loaded):
       if model_input is not None:

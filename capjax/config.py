@@ -43,6 +43,12 @@ def defaults() -> ml_collections.ConfigDict:
   d.train_split = 'train'  # TFDS split spec: 'train+restval', 'train[:10%]'.
   d.eval_split = 'validation'
   d.image_size = 96  # Pixels; images are resized to image_size^2, not cropped.
+  # Read a copy of the dataset already resized to image_size (JPEG, made once
+  # in the TFDS data dir beside the dataset: by --mode=prepare, or on first
+  # use when `prepare` is on). Decoding it costs a fraction of decoding the
+  # originals, which is what keeps an accelerator fed. False reads the
+  # originals, decoding JPEGs at reduced scale.
+  d.resized_copy = True
   d.normalization = 'imagenet'  # 'imagenet' (mean/std, RGB) or 'caffe' (BGR).
   d.captions_per_image = 5  # K: captions trained per image and batch row.
   d.max_len = 24  # Tokens per caption, <bos> and <eos> included.
@@ -72,7 +78,9 @@ def defaults() -> ml_collections.ConfigDict:
   # ImageNet weights: '' (random init); a file: .h5 / .keras from Keras
   # applications (variant 'v1', normalization 'caffe') or a torchvision/timm
   # .safetensors (variant 'v1.5'); or a download: 'keras:imagenet' (Keras
-  # applications) or 'timm' / 'timm:TAG' (Hugging Face, needs huggingface_hub).
+  # applications) or 'timm:TAG' from the Hugging Face hub ('timm' alone: the
+  # best ImageNet-1k weights of the arch, capjax.pretrained.TIMM_TAGS), kept
+  # in its cache; --mode=prepare fetches them ahead of training.
   e.pretrained = ''
   m.decoder = dc = ml_collections.ConfigDict()
   dc.embed_dim = 512  # Word embedding size.
@@ -103,9 +111,15 @@ def defaults() -> ml_collections.ConfigDict:
   # grow with the grid size.
   t.attention_penalty = 1.0
   # A trainable encoder (model.encoder.frozen=False) starts learning at this
-  # step, with its own peak learning rate and the same schedule.
+  # step (optimizer updates), with its own peak learning rate, warm-up and
+  # decay, and its own AdamW started then. Before it, the steps run the
+  # frozen model: no encoder backward pass, BatchNorm on running statistics.
   t.encoder_learning_rate = 1e-5
   t.encoder_from_step = 0
+  # A fresh run refuses an encoder that is frozen (for good, or until
+  # encoder_from_step) with random weights (pretrained=''): its features
+  # would carry no more than noise. True allows it (tests, ablations).
+  t.allow_random_frozen_encoder = False
   t.log_every_steps = 50  # Train metrics are fetched from the device this often.
   t.checkpoint_every_steps = 1_000
   t.keep_checkpoints = 3  # The latest N, plus the best by validation.

@@ -97,7 +97,7 @@ class BatchDecoder:
     if batch_size % jax.device_count():
       raise UserError(f'--config.decode.batch_size={batch_size} is not '
                       f'divisible by the {jax.device_count()} devices')
-    source = datasets.data_source(self.data.builder, split)
+    source = self.data.source(split)
     batches = pipeline.eval_dataset(
         self.config, source, self.data.vocab,
         batch_size=batch_size // jax.process_count())
@@ -186,7 +186,8 @@ class _Job:
     self.workdir = workdir
     self.data = prepare_lib.prepare(config, workdir)
     self.par = parallel.Parallel(config)
-    model = models.build_captioner(config.model, len(self.data.vocab))
+    model = models.build_captioner(config.model, len(self.data.vocab),
+                                 config.data.normalization)
     self.abstract = train.abstract_state(config, model, self.par.replicated)
     self.meta = checkpoint_lib.meta(config, self.data.vocab)
     self.checkpoints = checkpoint_lib.Checkpoints(

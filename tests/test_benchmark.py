@@ -35,7 +35,26 @@ def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
   assert scst['scst_step_seconds'] > 0
   assert scst['cross_entropy_step_seconds'] > 0
   assert 0 < scst['reward_fraction'] < 1
-  assert results['input'][0]['images_per_second'] > 0
+  inputs = {r['source']: r for r in results['input']}
+  assert set(inputs) == {'copy', 'original'}
+  assert all(r['images_per_second'] > 0 for r in inputs.values())
+  assert inputs['copy']['copy_bytes_per_image'] > 0
   assert results['score']['images'] == 50 and results['score']['metrics'] > 0
   assert 'fine-tuned' in proc.stdout and 'beam 2:' in proc.stdout
   assert 'reward share' in proc.stdout
+
+
+def test_input_benchmark_on_photos(tmp_path):
+  out = tmp_path / 'bench.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capjax.benchmark', '--config=configs/test.py',
+       '--what=input', '--photos=12', f'--photos_dir={tmp_path / "photos"}',
+       '--workers=0', '--input_batches=1', '--repeats=1', f'--json={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r['source']: r for r in json.loads(out.read_text())['input']}
+  # The copy was made (and timed) from 640x480 photos, at 32 px.
+  assert rows['copy']['copy_seconds'] > 0
+  assert rows['copy']['copy_bytes_per_image'] > 0
+  assert rows['original']['images_per_second'] > 0
+  assert len(list((tmp_path / 'photos' / 'images').iterdir())) == 12

@@ -11,6 +11,7 @@ from capjax import config as config_lib
 from capjax import models
 from capjax.data import vocab
 from capjax.errors import UserError
+from capjax.models import captioner as captioner_lib
 from capjax.models import resnet
 
 VOCAB = 20
@@ -232,3 +233,32 @@ def test_build_rejects_bad_config():
     models.build_captioner(config, VOCAB)
   with pytest.raises(UserError, match='arch'):
     models.build_captioner(model_config(arch='resnet_huge'), VOCAB)
+
+
+def test_normalization_on_the_device():
+  pixels = jnp.full((1, 4, 4, 3), jnp.array([255, 128, 0], jnp.uint8))
+  out = captioner_lib.normalize(pixels, 'imagenet')
+  np.testing.assert_allclose(
+      out[0, 0, 0], (np.array([255, 128, 0]) / 255 - [0.485, 0.456, 0.406]) /
+      [0.229, 0.224, 0.225], rtol=1e-5)
+  out = captioner_lib.normalize(pixels, 'caffe')
+  np.testing.assert_allclose(out[0, 0, 0], [0 - 103.939, 128 - 116.779,
+                                            255 - 123.68], rtol=1e-5)
+
+
+def test_the_model_takes_uint8_pixels():
+  model = make_model()
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
+                                             dtype=np.uint8)
+  captions = jnp.ones((2, 1, 5), jnp.int32)
+  variables = model.init(jax.random.key(0), images, captions)
+  from_uint8, _ = model.apply(variables, jnp.asarray(images), captions)
+  from_float, _ = model.apply(variables, jnp.asarray(images, jnp.float32),
+                              captions)
+  np.testing.assert_array_equal(from_uint8, from_float)
+  # The normalisation is the model's: 'caffe' gives other features.
+  caffe = models.build_captioner(model_config(), VOCAB, 'caffe')
+  other, _ = caffe.apply(variables, jnp.asarray(images), captions)
+  assert np.abs(np.asarray(other) - np.asarray(from_uint8)).max() > 1e-3
+  with pytest.raises(UserError, match='normalization'):
+    models.build_captioner(model_config(), VOCAB, 'bgr')

@@ -76,7 +76,7 @@ def test_decode_covers_the_split_once_and_matches_one_device(
       decode.beam_search, model, beam_size=config.decode.beam_size,
       max_len=config.data.max_len, ban_unk=True))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  source = datasets.data_source(data.builder, 'test_novel')
+  source = data.source('test_novel')
   batch = next(iter(pipeline.eval_dataset(config, source, data.vocab,
                                           batch_size=5)))
   tokens = np.asarray(search(variables, batch['image']).tokens[:, 0])

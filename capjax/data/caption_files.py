@@ -24,14 +24,12 @@ Usage:
 """
 
 import collections
-from collections.abc import Callable, Iterable, Iterator
-import concurrent.futures
 import dataclasses
 import io
 import os
 import posixpath
 import re
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from absl import logging
 import numpy as np
@@ -470,7 +468,7 @@ class CaptionFiles(tfds.core.GeneratorBasedBuilder):
       return _encode_jpeg(pixels), ''
 
     skipped = self.skipped[split]
-    for record, (jpeg, reason) in _ordered_map(encode, records):
+    for record, (jpeg, reason) in images.ordered_map(encode, records):
       if jpeg is None:
         path = os.path.join(images_dir, record.path)
         logging.warning('%s: skipped %s: %s', tag, path, reason)
@@ -512,32 +510,3 @@ def _encode_jpeg(pixels: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(pixels).save(buffer, format='JPEG', quality=JPEG_QUALITY)
   return buffer.getvalue()
-
-
-_In = TypeVar('_In')
-_Out = TypeVar('_Out')
-
-
-def _ordered_map(fn: Callable[[_In], _Out], items: Iterable[_In],
-                 workers: int | None = None) -> Iterator[tuple[_In, _Out]]:
-  """Yields (item, fn(item)) in order, computing ahead on a thread pool.
-
-  PIL releases the GIL while decoding, resizing and encoding, so threads
-  give real parallelism. At most a few results per worker are held, so the
-  memory used stays flat however many images there are.
-  """
-  workers = workers or min(16, os.cpu_count() or 1)
-  pool = concurrent.futures.ThreadPoolExecutor(workers)
-  pending: collections.deque[tuple[_In, concurrent.futures.Future[_Out]]]
-  pending = collections.deque()
-  try:
-    for item in items:
-      pending.append((item, pool.submit(fn, item)))
-      if len(pending) >= 4 * workers:
-        item, future = pending.popleft()
-        yield item, future.result()
-    while pending:
-      item, future = pending.popleft()
-      yield item, future.result()
-  finally:
-    pool.shutdown(wait=True, cancel_futures=True)

@@ -8,14 +8,17 @@ here, and every failure comes out as one exception type, `ImageError`, that
 names the file, so that a dataset builder can skip and report it.
 """
 
-from collections.abc import Callable
+import collections
+from collections.abc import Callable, Iterable, Iterator
+import concurrent.futures
 import io
 import os
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+import simplejpeg
 
 # Where a transparent pixel ends up. White rather than black, because
 # transparent regions of logos and cut-outs are meant to show the page.
@@ -136,17 +139,23 @@ def _target_size(size: tuple[int, int], max_size: int | None
 
 
 def _decode(open_image: Callable[[], Image.Image], name: str,
-            max_size: int | None) -> np.ndarray:
+            max_size: int | None, min_size: int | None = None) -> np.ndarray:
   """The shared body of `load_rgb` and `load_rgb_bytes`."""
   if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
     raise ValueError(
         f'max_size must be a positive int or None, got {max_size!r}')
   try:
     with open_image() as image:
-      if image.format == 'JPEG' and max_size is not None:
-        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: a 50-megapixel photo
-        # then costs about as much as a small one. draft() never goes below
-        # the requested size, so the resize below still does the final step.
+      if image.format == 'JPEG' and min_size is not None:
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, in the DCT domain,
+        # as long as both sides stay at least min_size: a 50-megapixel photo
+        # then costs about as much as a small one, and the caller's resize
+        # does the final step.
+        image.draft(None, (min_size, min_size))
+      elif image.format == 'JPEG' and max_size is not None:
+        # The same, keeping the longer side at least max_size. draft()
+        # never goes below the requested size, so the resize below still
+        # does the final step.
         image.draft(None, _target_size(image.size, max_size))
       # Decode everything now: a truncated file fails here, inside the
       # try, and not later inside some numpy call.
@@ -182,14 +191,17 @@ def _decode(open_image: Callable[[], Image.Image], name: str,
   return pixels
 
 
-def load_rgb(path: str | os.PathLike[str],
-             max_size: int | None = None) -> np.ndarray:
+def load_rgb(path: str | os.PathLike[str], max_size: int | None = None,
+             min_size: int | None = None) -> np.ndarray:
   """Reads an image file as uint8 [H, W, 3].
 
   Args:
     path: any format PIL reads (JPEG, PNG, GIF, WebP, BMP, TIFF, ...).
     max_size: if set, images whose longer side exceeds it are shrunk to that
       length with the aspect ratio kept. Smaller images are never enlarged.
+    min_size: if set, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (in the
+      DCT domain, much faster) as long as both sides stay >= min_size: for
+      callers that resize to min_size^2 next.
 
   Returns:
     The pixels, upright (EXIF orientation applied), alpha composited on white.
@@ -205,19 +217,111 @@ def load_rgb(path: str | os.PathLike[str],
     empty = False  # Let the open below report what is wrong.
   if empty:
     raise ImageError(name, 'empty file (0 bytes)')
-  return _decode(lambda: Image.open(name), name, max_size)
+  return _decode(lambda: Image.open(name), name, max_size, min_size)
 
 
-def load_rgb_bytes(data: bytes, name: str,
-                   max_size: int | None = None) -> np.ndarray:
+def load_rgb_bytes(data: bytes, name: str, max_size: int | None = None,
+                   min_size: int | None = None) -> np.ndarray:
   """Like `load_rgb`, for an encoded image already in memory.
 
   Args:
     data: the encoded file contents.
     name: what error messages call the image (a path, a URL, an upload).
-    max_size: as for `load_rgb`.
+    max_size, min_size: as for `load_rgb`.
   """
   if not data:
     raise ImageError(name, 'empty file (0 bytes)')
   stream: BinaryIO = io.BytesIO(data)
-  return _decode(lambda: Image.open(stream), name, max_size)
+  return _decode(lambda: Image.open(stream), name, max_size, min_size)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Any decoded image -> uint8 [size, size, 3], whole image, no crop.
+
+  No crop because a caption may mention anything in the frame. Pillow's
+  bilinear filter widens with the scale factor, so downscaling is antialiased.
+  """
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  image = image[..., :3]
+  if image.shape[:2] != (size, size):
+    image = np.asarray(Image.fromarray(image).resize(
+        (size, size), Image.Resampling.BILINEAR))
+  return image
+
+
+def decode_resized(data: bytes, size: int, name: str = '<bytes>'
+                   ) -> np.ndarray:
+  """An encoded image -> uint8 [size, size, 3], as `resize` of its pixels.
+
+  A JPEG is decoded at reduced scale in the DCT domain (libjpeg-turbo's
+  1/2, 1/4, 1/8 scaling, through simplejpeg) to the smallest size that is
+  still at least `size` in both directions, so a 640x480 photo for 224 px
+  costs a quarter of a full decode; the bilinear resize does the rest.
+  Anything simplejpeg cannot decode (other formats, CMYK, EXIF-rotated
+  photos) goes through `load_rgb_bytes`, with Pillow's own reduced decode.
+  """
+  try:
+    header = simplejpeg.decode_jpeg_header(data)
+  except ValueError:
+    header = None
+  if header is not None and header[2] in ('Gray', 'YCbCr', 'RGB') and (
+      not _rotated(data)):
+    pixels = simplejpeg.decode_jpeg(data, colorspace='RGB', min_height=size,
+                                    min_width=size)
+  else:
+    pixels = load_rgb_bytes(data, name, min_size=size)
+  return resize(pixels, size)
+
+
+def _rotated(data: bytes) -> bool:
+  """Whether a JPEG's EXIF (in its first 64 KB) asks for a rotation."""
+  if b'Exif' not in data[:65536]:
+    return False
+  with Image.open(io.BytesIO(data)) as image:
+    return image.getexif().get(_ORIENTATION, 1) != 1
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+  """uint8 [H, W, 3] RGB -> JPEG, colour at full resolution (4:4:4).
+
+  A resized copy keeps the colour detail its original had: a 640x480
+  camera JPEG (4:2:0) has 320x240 colour samples, more than a 224 px image
+  has pixels, and small coloured objects (shapes' at 32-64 px) lose their
+  colour at the edges with 4:2:0. At 224 px 4:2:0 would decode 34% faster
+  and be 36% smaller; 4:4:4 still meets the input path's target.
+  """
+  return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality,
+                                colorspace='RGB', colorsubsampling='444')
+
+
+_In = TypeVar('_In')
+_Out = TypeVar('_Out')
+
+
+def ordered_map(fn: Callable[[_In], _Out], items: Iterable[_In],
+                workers: int | None = None) -> Iterator[tuple[_In, _Out]]:
+  """Yields (item, fn(item)) in order, computing ahead on a thread pool.
+
+  Pillow and simplejpeg release the GIL while decoding, resizing and
+  encoding, so threads give real parallelism. At most a few results per
+  worker are held, so the memory used stays flat however many images there
+  are.
+  """
+  workers = workers or min(16, os.cpu_count() or 1)
+  pool = concurrent.futures.ThreadPoolExecutor(workers)
+  pending: collections.deque[tuple[_In, concurrent.futures.Future[_Out]]]
+  pending = collections.deque()
+  try:
+    for item in items:
+      pending.append((item, pool.submit(fn, item)))
+      if len(pending) >= 4 * workers:
+        item, future = pending.popleft()
+        yield item, future.result()
+    while pending:
+      item, future = pending.popleft()
+      yield item, future.result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)

@@ -1,7 +1,13 @@
-"""The grain input pipeline: TFDS data source -> batches of images and captions.
+"""The grain input pipeline: data source -> batches of images and captions.
+
+The source is the dataset's copy at the training resolution
+(`capjax.data.resized`), or its original files (images still encoded, then
+decoded here at reduced scale). Images stay uint8 all the way to the
+device, where the model normalises them: a quarter of the bytes of float32
+to copy between processes and to the device.
 
 Training: source -> this process's shard -> seeded shuffle -> repeat ->
-preprocess (resize, normalise, pick and tokenise K captions) -> batch ->
+preprocess (decode/resize, pick and tokenise K captions) -> batch ->
 iterator, with worker processes when `config.data.workers > 0`. The iterator
 is checkpointable (`get_state` / `set_state`, or `grain.checkpoint` with
 orbax), so training resumes mid-epoch exactly.
@@ -22,46 +28,11 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from capjax.data import datasets
+from capjax.data import images
 from capjax.data.vocab import PAD, Vocab
 from capjax.errors import UserError
-
-# RGB statistics of ImageNet (torchvision / timm models).
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
-# Keras ResNet v1 ("caffe" preprocessing): BGR order, mean subtracted only.
-CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
-NORMALIZATIONS = ('imagenet', 'caffe')
-
-
-def normalize(image: np.ndarray, method: str) -> np.ndarray:
-  """uint8 RGB [..., 3] -> float32 model input."""
-  image = image.astype(np.float32)
-  if method == 'imagenet':
-    return (image - IMAGENET_MEAN) / IMAGENET_STD
-  if method == 'caffe':
-    return image[..., ::-1] - CAFFE_MEAN_BGR
-  raise ValueError(f'unknown normalization {method!r}')
-
-
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Any decoded image -> uint8 [size, size, 3], whole image, no crop.
-
-  No crop because a caption may mention anything in the frame. Pillow's
-  bilinear filter widens with the scale factor, so downscaling is antialiased.
-  """
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  image = image[..., :3]
-  if image.shape[:2] != (size, size):
-    image = np.asarray(Image.fromarray(image).resize(
-        (size, size), Image.Resampling.BILINEAR))
-  return image
-
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
@@ -71,7 +42,6 @@ class Preprocess:
   image_size: int
   captions_per_image: int
   max_len: int
-  normalization: str
   references: int = 0  # R > 0: also every caption of the image, [R, L].
 
   def __call__(self, example: dict, rng: np.random.Generator | None) -> dict:
@@ -88,7 +58,12 @@ class Preprocess:
     else:
       picks = np.concatenate([rng.permutation(len(texts)),
                               rng.choice(len(texts), k - len(texts))])
-    image = resize(np.asarray(example['image']), self.image_size)
+    image = example['image']
+    if isinstance(image, bytes):  # Left encoded by the source.
+      image = images.decode_resized(image, self.image_size,
+                                    str(example.get('image/filename', '')))
+    else:
+      image = images.resize(np.asarray(image), self.image_size)
     pad = example.get('_pad', False)  # Set by `eval_dataset`.
     out = {}
     if self.references:
@@ -99,7 +74,7 @@ class Preprocess:
       out['references'][:len(kept)] = self.vocab.encode_batch(kept,
                                                               self.max_len)
     return out | {
-        'image': normalize(image, self.normalization),  # [H, W, 3]
+        'image': image,  # uint8 [S, S, 3]
         'captions': self.vocab.encode_batch(  # [K, L]
             [texts[i] for i in picks], self.max_len),
         'image/id': np.int64(-1 if pad else example['image/id']),
@@ -109,9 +84,6 @@ class Preprocess:
 
 def _preprocess(config: ml_collections.ConfigDict, vocab: Vocab) -> Preprocess:
   d = config.data
-  if d.normalization not in NORMALIZATIONS:
-    raise UserError(f'unknown --config.data.normalization={d.normalization!r};'
-                    f' choose one of {", ".join(NORMALIZATIONS)}')
   if d.captions_per_image < 1 or d.max_len < 3:
     raise UserError('--config.data.captions_per_image must be >= 1 and '
                     '--config.data.max_len >= 3 (<bos>, a word, <eos>)')
@@ -119,7 +91,7 @@ def _preprocess(config: ml_collections.ConfigDict, vocab: Vocab) -> Preprocess:
   if config.train.objective == 'scst':
     references = config.scst.max_references
   return Preprocess(vocab, d.image_size, d.captions_per_image, d.max_len,
-                    d.normalization, references)
+                    references)
 
 
 def process_batch_size(config: ml_collections.ConfigDict,
@@ -145,7 +117,7 @@ def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
                   process_count: int | None = None) -> grain.IterDataset:
   """Endless shuffled batches: this process's share of each global batch.
 
-  Batches: `image` [b, H, W, 3] float32, `captions` [b, K, L] int32,
+  Batches: `image` [b, S, S, 3] uint8, `captions` [b, K, L] int32,
   `image/id` [b] int64, `mask` [b] bool (all true), with b the per-process
   batch size; for self-critical training also `references` [b, R, L], every
   caption of each image (up to R, then rows of <pad>). Process p's batch i

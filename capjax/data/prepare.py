@@ -1,7 +1,10 @@
-"""What every job needs before it starts: the dataset and the vocabulary."""
+"""What every job needs before it starts: the dataset, its copy at the
+training resolution, and the vocabulary."""
 
+from collections.abc import Sequence
 import dataclasses
 import os
+import time
 
 from absl import logging
 import jax
@@ -9,14 +12,57 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from capjax.data import datasets
+from capjax.data import resized
 from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
+  """The prepared dataset, its vocabulary, and where its images come from."""
   builder: tfds.core.DatasetBuilder
   vocab: vocab_lib.Vocab
+  config: ml_collections.ConfigDict  # config.data
+
+  def source(self, split: str) -> Sequence[dict]:
+    """Random-access examples of `split` (a TFDS split spec) for the pipeline.
+
+    With `resized_copy` (the default), from the copy at `image_size`, made on
+    first use when the dataset may be prepared automatically; otherwise from
+    the original files, images left encoded for `pipeline.Preprocess` to
+    decode at reduced scale.
+    """
+    d = self.config
+    if not d.resized_copy:
+      return datasets.data_source(
+          self.builder, split, decoders={'image': tfds.decode.SkipDecoding()})
+    datasets.check_split(self.builder, split)
+    names = datasets.split_names(split)
+    if resized.missing(self.builder, names, d.image_size):
+      if not d.prepare:
+        raise UserError(
+            f'{d.name} has no copy of {split} at {d.image_size} px in '
+            f'{resized.directory(self.builder, d.image_size)}: make it once '
+            f'with --mode=prepare (or set --config.data.prepare=True to make '
+            'it now)')
+      build_copy(self.builder, names, d.image_size)
+    return resized.ResizedSource(self.builder, split, d.image_size)
+
+
+def build_copy(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
+               image_size: int) -> None:
+  """Process 0 copies `splits` at `image_size`; the others wait for it."""
+  if jax.process_index() == 0:
+    resized.build(builder, splits, image_size)
+    return
+  deadline = time.monotonic() + datasets.PREPARE_WAIT_SECONDS
+  while resized.missing(builder, splits, image_size):
+    if time.monotonic() > deadline:
+      raise UserError(
+          f'process {jax.process_index()} waited for process 0 to copy '
+          f'{", ".join(splits)} to {resized.directory(builder, image_size)};'
+          ' the TFDS data dir must be shared by all processes')
+    time.sleep(5)
 
 
 def check_workdir(workdir: str) -> None:
@@ -38,9 +84,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   """
   check_workdir(workdir)
   d = config.data
+  if d.image_size < 1:
+    raise UserError(f'--config.data.image_size={d.image_size} must be a '
+                    'positive number of pixels')
   builder = datasets.prepare(d, force=force)
   for split in (d.train_split, d.eval_split):
     datasets.check_split(builder, split)
+  if force and d.resized_copy:
+    # --mode=prepare: every split, so that later jobs never wait for one.
+    splits = list(builder.info.splits) or [
+        n for s in (d.train_split, d.eval_split) for n in
+        datasets.split_names(s)]
+    build_copy(builder, splits, d.image_size)
   path = os.path.join(workdir, vocab_lib.FILENAME)
   if not os.path.exists(path):
     logging.info('Building the vocabulary from %s %s.', d.name, d.train_split)
@@ -51,4 +106,4 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
                   split=d.train_split),
       write=jax.process_index() == 0)
   logging.info('Vocabulary: %d words (%s).', len(vocab), path)
-  return Data(builder, vocab)
+  return Data(builder, vocab, d)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from capjax.errors import UserError
+from capjax.models import captioner as captioner_lib
 from capjax.models import resnet
 from capjax.models.captioner import Captioner
 from capjax.models.decoder import AttentionLSTMCell
@@ -34,11 +35,18 @@ def compute_dtype(name: str) -> Any:
   return _DTYPES[name]
 
 
-def build_captioner(model_config: ml_collections.ConfigDict,
-                    vocab_size: int) -> Captioner:
-  """The `Captioner` that config.model describes, for `vocab_size` words."""
+def build_captioner(model_config: ml_collections.ConfigDict, vocab_size: int,
+                    normalization: str = 'imagenet') -> Captioner:
+  """The `Captioner` that config.model describes, for `vocab_size` words.
+
+  `normalization` is config.data.normalization: how the encoder's pretrained
+  weights expect pixels ('imagenet' or 'caffe').
+  """
   encoder, decoder = model_config.encoder, model_config.decoder
   dtype = compute_dtype(model_config.dtype)
+  if normalization not in captioner_lib.NORMALIZATIONS:
+    raise UserError(f'unknown --config.data.normalization={normalization!r}; '
+                    f'choose one of {", ".join(captioner_lib.NORMALIZATIONS)}')
   # Fail here, before any tracing, on an unknown arch.
   resnet.feature_dim(encoder.arch)
   return Captioner(
@@ -52,4 +60,5 @@ def build_captioner(model_config: ml_collections.ConfigDict,
       hidden_dim=decoder.hidden_dim,
       attention_dim=decoder.attention_dim,
       dropout_rate=decoder.dropout,
-      dtype=dtype)
+      dtype=dtype,
+      normalization=normalization)

@@ -34,6 +34,27 @@ from capjax.models import resnet
 Array = jax.Array
 Dtype = Any
 
+# RGB statistics of ImageNet (torchvision / timm models).
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# Keras ResNet v1 ("caffe" preprocessing): BGR order, mean subtracted only.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+NORMALIZATIONS = ('imagenet', 'caffe')
+
+
+def normalize(images: Array, method: str) -> Array:
+  """Pixels [..., 3] in 0..255 (uint8 or float), RGB -> float32 model input.
+
+  Done on the device, inside the jitted step: the host sends uint8, a
+  quarter of the bytes of float32.
+  """
+  images = images.astype(jnp.float32)
+  if method == 'imagenet':
+    return (images - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
+  if method == 'caffe':
+    return images[..., ::-1] - jnp.array(CAFFE_MEAN_BGR)
+  raise ValueError(f'unknown normalization {method!r}')
+
 
 class Captioner(nn.Module):
   """ResNet encoder + soft-attention LSTM decoder.
@@ -50,6 +71,8 @@ class Captioner(nn.Module):
     embed_dim, hidden_dim, attention_dim, dropout_rate: the decoder's sizes
       and deep-output dropout.
     dtype: the compute dtype; parameters stay float32.
+    normalization: how pixels become the encoder's input, as its pretrained
+      weights expect: 'imagenet' (torchvision, timm) or 'caffe' (Keras).
   """
 
   vocab_size: int
@@ -63,6 +86,7 @@ class Captioner(nn.Module):
   attention_dim: int = 512
   dropout_rate: float = 0.5
   dtype: Dtype = jnp.float32
+  normalization: str = 'imagenet'
 
   def setup(self):
     self.encoder = resnet.build(self.arch, variant=self.variant,
@@ -73,7 +97,8 @@ class Captioner(nn.Module):
         dropout_rate=self.dropout_rate, dtype=self.dtype)
 
   def encode(self, images: Array, train: bool = False) -> Array:
-    """images [B, S, S, 3] (normalized) -> features [B, P, C]."""
+    """images [B, S, S, 3] (pixels, 0..255) -> features [B, P, C]."""
+    images = normalize(images, self.normalization)
     # A frozen encoder's statistics must not drift with the caption data,
     # so its BatchNorm always normalizes with the stored running averages.
     freeze_bn = self.frozen or self.freeze_bn
@@ -93,7 +118,7 @@ class Captioner(nn.Module):
     """Teacher forcing on K captions per image.
 
     Args:
-      images: [B, S, S, 3] normalized images.
+      images: [B, S, S, 3] pixels in 0..255, uint8 (or float).
       captions: int [B, K, L] token ids: <bos> words <eos> <pad>...
       train: dropout (needs a 'dropout' rng) and, for a trainable encoder
         without freeze_bn, BatchNorm batch statistics (mutable batch_stats).
@@ -111,7 +136,7 @@ class Captioner(nn.Module):
     return self.decoder(features, captions[..., :-1], train)
 
   def decode_prepare(self, images: Array) -> decoder_lib.Cache:
-    """images [B, S, S, 3] -> the decoder's per-image cache (eval mode)."""
+    """images [B, S, S, 3] pixels -> the decoder's cache (eval mode)."""
     return self.prepare(self.encode(images, train=False))
 
   def prepare(self, features: Array) -> decoder_lib.Cache:
