@@ -1,5 +1,6 @@
 """The dataset's copy at the training resolution (capjax.data.resized)."""
 
+import errno
 import io
 import json
 import os
@@ -87,16 +88,11 @@ def test_an_interrupted_copy_resumes_to_the_same_files(builder, monkeypatch,
   assert resized.missing(builder, ['train'], SIZE) == ['train']
   with pytest.raises(FileNotFoundError, match='no complete copy'):
     resized.ResizedSource(builder, 'train', SIZE)
-  # Only the first shard survived, and no temporary file is left behind
-  # beside it under a final name.
-  assert sorted(f for f in os.listdir(folder) if '.tmp-' not in f) == [
-      'train-00000.array_record']
+  # Only the first shard survived, and the second's temporary file is gone.
+  assert os.listdir(folder) == ['train-00000.array_record']
   calls.clear()
   monkeypatch.setattr(resized, '_encode_example', encode)
   resized.build(builder, ['train'], SIZE)
-  for f in os.listdir(folder):
-    if '.tmp-' in f:
-      os.remove(os.path.join(folder, f))
   assert _files(folder) == complete
 
 
@@ -108,6 +104,16 @@ def test_a_copy_made_otherwise_is_made_again(builder):
   assert resized.missing(builder, ['validation'], SIZE) == ['validation']
   resized.build(builder, ['validation'], SIZE)
   assert not resized.missing(builder, ['validation'], SIZE)
+  # A damaged shard: the split is copied again, whole.
+  shard = os.path.join(resized.directory(builder, SIZE),
+                       'validation-00000.array_record')
+  with open(shard, 'r+b') as f:
+    f.truncate(1000)
+  assert resized.missing(builder, ['validation'], SIZE) == ['validation']
+  resized.build(builder, ['validation'], SIZE)
+  assert len(resized.ResizedSource(builder, 'validation', SIZE)) == 64
+  os.remove(shard)
+  assert resized.missing(builder, ['validation'], SIZE) == ['validation']
   # Another resolution is another copy, beside the dataset.
   assert resized.directory(builder, 24) != resized.directory(builder, SIZE)
   assert resized.directory(builder, 24).startswith(
@@ -169,3 +175,17 @@ def test_reduced_decoding_of_what_simplejpeg_cannot(tmp_path):
   Image.fromarray(pixels).save(png, 'PNG')
   np.testing.assert_array_equal(images.decode_resized(png.getvalue(), 64),
                                 images.resize(pixels, 64))
+
+
+def test_a_failed_write_is_one_clear_error(test_config, tmp_path,
+                                           monkeypatch):
+  data = prepare.prepare(test_config, str(tmp_path))
+
+  def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(resized.array_record_module, 'ArrayRecordWriter',
+                      disk_full)
+  with pytest.raises(UserError, match='cannot write the copy at 32 px.*No '
+                     'space left.*resized_copy=False'):
+    data.source('validation')

@@ -53,7 +53,16 @@ def build_copy(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
                image_size: int) -> None:
   """Process 0 copies `splits` at `image_size`; the others wait for it."""
   if jax.process_index() == 0:
-    resized.build(builder, splits, image_size)
+    try:
+      resized.build(builder, splits, image_size)
+    except OSError as e:
+      # Read-only data dir, disk full, ...: complete shards stay, and a
+      # later run resumes from them.
+      raise UserError(
+          f'cannot write the copy at {image_size} px to '
+          f'{resized.directory(builder, image_size)} ({e.strerror or e}): '
+          'free space or fix permissions there, or read the originals with '
+          '--config.data.resized_copy=False') from None
     return
   deadline = time.monotonic() + datasets.PREPARE_WAIT_SECONDS
   while resized.missing(builder, splits, image_size):

@@ -14,7 +14,8 @@ resolution: `<data_dir>/coco_captions/2014/1.1.0-224px/`, holding
 `ArrayRecordDataSource`) and, once a split is complete, `<split>.json`.
 Each shard is written under a temporary name and renamed when complete, so
 an interrupted build resumes at the first missing shard, and a split without
-its `.json` is never read. Splits are copied as jobs first need them (or all
+its `.json`, or whose shards are not the size it records, is never read
+(and is copied again). Splits are copied as jobs first need them (or all
 at once by `--mode=prepare`).
 
 Why JPEG (quality 95) and not raw pixels: at 224 px a raw image is 150 KB,
@@ -83,7 +84,21 @@ def _read_split_info(builder: tfds.core.DatasetBuilder, split: str,
     logging.warning('%s was made from another dataset or in another format; '
                     'the split will be copied again.', path)
     return None
+  folder = directory(builder, image_size)
+  sizes = [_size(_shard_path(folder, split, i))
+           for i in range(len(info.get('shard_bytes', [])))]
+  if not sizes or sizes != info['shard_bytes']:
+    logging.warning('%s: shards of %s are missing or damaged; the split will '
+                    'be copied again.', folder, split)
+    return None
   return info
+
+
+def _size(path: str) -> int | None:
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return None
 
 
 def missing(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
@@ -126,6 +141,11 @@ def build(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
                  total, image_size, folder)
   for split, header in headers.items():
     n = header['num_examples']
+    if os.path.exists(os.path.join(folder, f'{split}.json')):
+      # Complete once but now damaged or stale: its shards are not reused.
+      for f in os.listdir(folder):
+        if f.startswith(f'{split}-') or f == f'{split}.json':
+          os.remove(os.path.join(folder, f))
     source = builder.as_data_source(
         split, decoders={'image': tfds.decode.SkipDecoding()})
     num_shards = -(-n // SHARD_SIZE)
@@ -142,8 +162,11 @@ def build(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
             lambda i: _encode_example(source[i], image_size), indices,
             workers):
           writer.write(record)
-      finally:
         writer.close()
+      except BaseException:
+        writer.close()
+        os.remove(tmp)
+        raise
       os.replace(tmp, path)
       written += len(indices)
       seconds = time.monotonic() - started
@@ -151,9 +174,11 @@ def build(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
                    '%.0f images/s, ETA %.0f s.', folder, split, shard + 1,
                    num_shards, done, total, written / seconds,
                    seconds / written * (total - done))
-    size = sum(os.path.getsize(_shard_path(folder, split, i))
-               for i in range(num_shards))
-    info = dict(header, shards=num_shards, bytes=size)
+    shard_bytes = [os.path.getsize(_shard_path(folder, split, i))
+                   for i in range(num_shards)]
+    size = sum(shard_bytes)
+    info = dict(header, shards=num_shards, shard_bytes=shard_bytes,
+                bytes=size)
     tmp = os.path.join(folder, f'{split}.json.tmp-{os.getpid()}')
     with open(tmp, 'w') as f:
       json.dump(info, f, indent=1)

@@ -87,6 +87,7 @@ class Captioner(nn.Module):
   dropout_rate: float = 0.5
   dtype: Dtype = jnp.float32
   normalization: str = 'imagenet'
+  unroll: int | bool = 1  # The decoder's (see `Decoder.unroll`).
 
   def setup(self):
     self.encoder = resnet.build(self.arch, variant=self.variant,
@@ -94,7 +95,7 @@ class Captioner(nn.Module):
     self.decoder = decoder_lib.Decoder(
         vocab_size=self.vocab_size, embed_dim=self.embed_dim,
         hidden_dim=self.hidden_dim, attention_dim=self.attention_dim,
-        dropout_rate=self.dropout_rate, dtype=self.dtype)
+        dropout_rate=self.dropout_rate, dtype=self.dtype, unroll=self.unroll)
 
   def encode(self, images: Array, train: bool = False) -> Array:
     """images [B, S, S, 3] (pixels, 0..255) -> features [B, P, C]."""

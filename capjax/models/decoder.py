@@ -189,6 +189,9 @@ class Decoder(nn.Module):
   dropout_rate: float = 0.5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # lax.scan's `unroll`; True unrolls every step. Only for counting FLOPs:
+  # XLA's cost analysis counts a loop body once, whatever its trip count.
+  unroll: int | bool = 1
 
   def setup(self):
     self.cell = AttentionLSTMCell(
@@ -239,6 +242,7 @@ class Decoder(nn.Module):
         variable_axes={'intermediates': 2},
         split_rngs={'params': False, 'dropout': True},
         in_axes=(2, nn.broadcast),
-        out_axes=2)
+        out_axes=2,
+        unroll=self.unroll)
     _, (logits, alphas) = scan(self.cell, carry, tokens, cache)
     return logits, alphas
