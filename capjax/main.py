@@ -26,7 +26,8 @@ flags.DEFINE_enum(
     'train: the main job. decode: caption and score --config.decode.split '
     'with a checkpoint of --workdir. evaluate_continuously: decode each new '
     'checkpoint as a training job writes it. prepare: only build the dataset '
-    'and vocabulary (e.g. download COCO once).')
+    'and vocabulary, and fetch the encoder\'s pretrained weights (e.g. '
+    'download COCO and ImageNet weights once).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-process jobs: '
                     'host:port of process 0 (see capjax/distributed.py for '
                     'what is detected without it).')
@@ -38,8 +39,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def run(config, workdir: str, mode: str) -> None:
   if mode == 'prepare':
-    from capjax.data import prepare  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from capjax import pretrained
+    from capjax.data import prepare
+    # pylint: enable=g-import-not-at-top
     prepare.prepare(config, workdir, force=True)
+    # The encoder's weights too, so that training needs no internet.
+    weights = pretrained.fetch_encoder_weights(config)
+    if weights:
+      logging.info('Encoder weights %s: ready.', weights)
   elif mode == 'train':
     from capjax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)

@@ -50,7 +50,8 @@ def make(config: ml_collections.ConfigDict,
   """Clip the global norm, then AdamW per part of the model.
 
   `params` is the captioner's {'encoder': ..., 'decoder': ...}. A frozen
-  encoder gets `set_to_zero`, which keeps no optimizer state at all.
+  encoder gets `set_to_zero`, which keeps no optimizer state at all; one
+  fine-tuned from train.encoder_from_step gets updates from then on.
   """
   t = config.train
 
@@ -59,11 +60,21 @@ def make(config: ml_collections.ConfigDict,
                        mask=_decay_mask)
 
   parts = {'decoder': adamw(learning_rate(config, t.learning_rate))}
+  start = t.encoder_from_step
   if config.model.encoder.frozen:
     parts['encoder'] = optax.set_to_zero()
+  elif not start:
+    parts['encoder'] = adamw(learning_rate(config, t.encoder_learning_rate))
   else:
-    parts['encoder'] = adamw(learning_rate(config, t.encoder_learning_rate,
-                                           start=t.encoder_from_step))
+    # The encoder's AdamW starts at update `start`, as if made then (as
+    # when fine-tuning is switched on after training the decoder). The steps
+    # before give the encoder no gradient (train.py runs the frozen model),
+    # so an AdamW counting them would start with zero moments and a bias
+    # correction that no longer corrects: several times its rate at first.
+    schedule = learning_rate(config, t.encoder_learning_rate, start=start)
+    parts['encoder'] = optax.transforms.conditionally_mask(
+        adamw(lambda count: schedule(count + start)),
+        lambda count: count >= start)
   labels = {name: jax.tree.map(lambda _, n=name: n, subtree)
             for name, subtree in params.items()}
   tx = optax.multi_transform(parts, labels)

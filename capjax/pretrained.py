@@ -9,12 +9,16 @@ Two public sources, one per `ResNet` variant (see `capjax.models.resnet`):
     'keras:imagenet[:resnet101]', which has Keras download that file.
   * torchvision / timm ResNet-18 ... 152 ('v1.5'; RGB, ImageNet mean/std) as
     `.safetensors`, read with `safetensors.numpy`: no torch, no unpickling.
-    `download_timm_resnet` fetches one from the Hugging Face hub.
+    `download_timm_resnet` fetches timm's from the Hugging Face hub into its
+    cache; `TIMM_TAGS` names the checkpoint 'timm' picks for each depth.
 
 `load_encoder_weights` is what training calls: it picks the importer from
 `config.model.encoder.pretrained` and checks every array against the
 encoder's own variables, so a wrong file is an error that names it, never a
-silently random encoder.
+silently random encoder. A download that fails is an error too, which names
+the weights and how to pass a local copy. `fetch_encoder_weights` does the
+same ahead of time (--mode=prepare), and `check_random_frozen` refuses a
+frozen encoder left random.
 
 Nothing here imports TensorFlow or Keras at module level (GPU machines may
 lack them); only the paths that need a Keras model import it. Legacy `.h5`
@@ -43,8 +47,23 @@ KERAS_APPLICATIONS = {
     'resnet101': 'ResNet101',
     'resnet152': 'ResNet152',
 }
-# Archs timm publishes on the Hugging Face hub as timm/<arch>.<tag>.
-TIMM_ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+# What 'timm' (no tag) downloads for each arch, from the hub's
+# timm/<arch>.<tag>: the best ImageNet-1k top-1 at 224 px (in parentheses;
+# pytorch-image-models' results/results-imagenet.csv) among weights trained on
+# ImageNet-1k alone, in plain torchvision layout (not the resnet*d / *s / *c
+# stems) and normalised with the ImageNet mean and std, as capjax feeds them.
+# resnet34.ra4_e3600_r224_in1k (77.49%) expects mean and std 0.5 instead.
+TIMM_TAGS = {
+    'resnet18': 'a1_in1k',  # 71.50%; torchvision's tv_in1k: 69.75%.
+    'resnet34': 'a1_in1k',  # 76.42%; tv_in1k: 73.30%.
+    'resnet50': 'tv2_in1k',  # 80.85%; a1h_in1k: 80.65%, tv_in1k: 76.16%.
+    # 81.95%, trained at 224 px as capjax's COCO config feeds it; torchvision's
+    # tv2_in1k: 81.91% (trained at 176 px), tv_in1k: 77.40%.
+    'resnet101': 'a1h_in1k',
+    'resnet152': 'a1h_in1k',  # 82.82%; tv2_in1k: 82.29%.
+}
+TIMM_ARCHS = tuple(TIMM_TAGS)
+_TIMM_FILE = 'model.safetensors'
 
 _KERAS_BLOCK = re.compile(r'^conv(\d+)_block(\d+)_')
 _TORCH_BLOCK = re.compile(r'^layer(\d+)\.(\d+)\.')
@@ -481,39 +500,74 @@ def load_safetensors(path: str, arch: str) -> Variables:
   return _torch_to_capjax(_read_safetensors(path), arch, path).variables()
 
 
-def download_timm_resnet(arch: str, tag: str = 'tv_in1k') -> str:
-  """Downloads timm's `<arch>.<tag>` weights; returns the local file.
+def timm_repo(arch: str, tag: str | None = None) -> str:
+  """The hub repository of timm's `arch` weights: 'timm/<arch>.<tag>'.
 
-  Args:
-    arch: 'resnet18' ... 'resnet152'.
-    tag: 'tv_in1k' (torchvision's original ImageNet weights, the usual
-      captioning encoder) or 'a1_in1k' (timm's stronger "ResNet strikes back"
-      recipe, Wightman et al. 2021).
-
-  Returns:
-    The path of `model.safetensors` in the Hugging Face cache, for
-    `load_safetensors` or --config.model.encoder.pretrained.
+  `tag` None is the arch's entry in `TIMM_TAGS`.
   """
-  if arch not in TIMM_ARCHS:
+  if arch not in TIMM_TAGS:
     raise UserError(
         f'timm has no ImageNet weights for {arch}: set '
         f'--config.model.encoder.arch to one of {", ".join(TIMM_ARCHS)}.')
-  repo = f'timm/{arch}.{tag}'
+  return f'timm/{arch}.{tag or TIMM_TAGS[arch]}'
+
+
+def _local_file_hint(repo: str) -> str:
+  return (f'download https://huggingface.co/{repo}/resolve/main/{_TIMM_FILE} '
+          'and pass it with --config.model.encoder.pretrained=PATH'
+          '.safetensors')
+
+
+def download_timm_resnet(arch: str, tag: str | None = None) -> str:
+  """timm's `<arch>.<tag>` weights from the Hugging Face hub: a local file.
+
+  Downloaded once into the hub's standard cache ($HF_HUB_CACHE, by default
+  ~/.cache/huggingface/hub) and read from there afterwards, also offline
+  (HF_HUB_OFFLINE=1).
+
+  Args:
+    arch: 'resnet18' ... 'resnet152'.
+    tag: e.g. 'a1h_in1k' (timm's "ResNet strikes back" recipe, Wightman et
+      al. 2021), 'tv2_in1k' (torchvision's second recipe) or 'tv_in1k'
+      (torchvision's original weights); None: the arch's `TIMM_TAGS` entry.
+
+  Returns:
+    The path of `model.safetensors` in the cache, for `load_safetensors` or
+    --config.model.encoder.pretrained.
+
+  Raises:
+    UserError: one line naming the repository, the file's URL and how to
+      pass a local copy, when the weights are neither cached nor reachable.
+  """
+  repo = timm_repo(arch, tag)
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
+    from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise UserError(
-        f'Downloading {repo} needs huggingface_hub: pip install '
-        'huggingface_hub, or download https://huggingface.co/'
-        f'{repo}/resolve/main/model.safetensors yourself and set '
-        '--config.model.encoder.pretrained to that file.') from None
+        f'Downloading the ImageNet weights {repo} needs huggingface_hub (pip '
+        f'install huggingface_hub), or {_local_file_hint(repo)}.') from None
   try:
-    return huggingface_hub.hf_hub_download(repo, 'model.safetensors')
-  except Exception as e:  # pylint: disable=broad-exception-caught
+    return huggingface_hub.hf_hub_download(repo, _TIMM_FILE)
+  except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
+          errors.RemoteEntryNotFoundError) as e:
     raise UserError(
-        f'Cannot download {repo} ({_first_line(e)}): check the network, or '
-        'download model.safetensors yourself and set '
-        '--config.model.encoder.pretrained to it.') from e
+        f'The Hugging Face hub has no ImageNet weights {repo} '
+        f'({_first_line(e)}): check the tag of '
+        '--config.model.encoder.pretrained (timm alone picks '
+        f'{TIMM_TAGS[arch]}), or {_local_file_hint(repo)}.') from None
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    cache = huggingface_hub.constants.HF_HUB_CACHE
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+      reason = f'HF_HUB_OFFLINE is set and they are not in the cache {cache}'
+    elif isinstance(e, errors.LocalEntryNotFoundError):
+      reason = f'the hub is unreachable and they are not in the cache {cache}'
+    else:
+      reason = _first_line(e)
+    raise UserError(
+        f'Cannot get the ImageNet weights {repo} ({reason}): run '
+        '--mode=prepare where the hub is reachable, with the same cache, or '
+        f'{_local_file_hint(repo)}.') from None
 
 
 # ---------------------------------------------------------------------------
@@ -634,10 +688,72 @@ def load_encoder_weights(encoder_config: Any,
       raise _depth_mismatch(pretrained, found, arch)
   else:
     if is_download:
-      tag = pretrained.partition(':')[2] or 'tv_in1k'
-      path, origin = download_timm_resnet(arch, tag), f'timm/{arch}.{tag}'
+      tag = pretrained.partition(':')[2] or None
+      path, origin = download_timm_resnet(arch, tag), timm_repo(arch, tag)
     else:
       path = origin = pretrained
     # The importer checks the depth against arch itself.
     collector = _torch_to_capjax(_read_safetensors(path), arch, origin)
   return _fill(target_variables, collector)
+
+
+def encoder_variables_shape(encoder_config: Any) -> Variables:
+  """The encoder's {'params', 'batch_stats'} as shapes and dtypes: no compute.
+
+  The same tree as the captioner's encoder part (`load_encoder_weights`'
+  target); the ResNet's variables do not depend on the image size.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  import jax
+  model = resnet.build(encoder_config.arch, variant=encoder_config.variant)
+  return jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+
+
+def fetch_encoder_weights(config: Any) -> str | None:
+  """Downloads (or finds cached) and checks the weights a fresh run loads.
+
+  What --mode=prepare does after the data, so that a machine with internet
+  (a cluster's login node) readies everything for training offline. Runs
+  starting from another run's weights (config.init_from) load none.
+
+  Returns:
+    What was checked (a file, or a download's name), or None.
+
+  Raises:
+    UserError: as `load_encoder_weights`.
+  """
+  encoder = config.model.encoder
+  if config.init_from or not encoder.pretrained:
+    return None
+  load_encoder_weights(encoder, encoder_variables_shape(encoder))
+  return encoder.pretrained
+
+
+def check_random_frozen(config: Any) -> None:
+  """Refuses to train a frozen encoder that has random weights.
+
+  Frozen, a random ResNet's features stay random: the decoder learns from
+  noise, and days of accelerator time give a useless captioner. A fine-tuned
+  encoder frozen until train.encoder_from_step counts, as the decoder spends
+  that phase on random features. Runs from another run's weights
+  (config.init_from; self-critical training always is one) are not fresh.
+
+  Raises:
+    UserError: unless config.train.allow_random_frozen_encoder says so.
+  """
+  e, t = config.model.encoder, config.train
+  if (e.pretrained or config.init_from or t.objective == 'scst' or
+      t.allow_random_frozen_encoder):
+    return
+  if e.frozen:
+    frozen = 'frozen'
+  elif t.encoder_from_step > 0:
+    frozen = f'frozen until step {t.encoder_from_step}'
+  else:
+    return
+  raise UserError(
+      f'the encoder is {frozen} and has random weights: set '
+      '--config.model.encoder.pretrained to ImageNet weights (e.g. timm, or '
+      'a .safetensors file), or --config.train.allow_random_frozen_encoder='
+      'True to train on random features')

@@ -74,9 +74,22 @@ def abstract_state(config: ml_collections.ConfigDict, model: nn.Module,
       abstract)
 
 
-def _bn_trains(config: ml_collections.ConfigDict) -> bool:
-  e = config.model.encoder
-  return not (e.frozen or e.freeze_bn)
+def _bn_trains(model: nn.Module) -> bool:
+  # From the model rather than the config: the frozen phase of a fine-tuned
+  # encoder runs a frozen copy of the model.
+  return not (model.frozen or model.freeze_bn)
+
+
+def _frozen_until(config: ml_collections.ConfigDict) -> int:
+  """The last batch of a trainable encoder's frozen phase (0: none).
+
+  Batches, not updates: with gradient accumulation over k batches, update
+  `encoder_from_step` is the first to take batch k * encoder_from_step + 1.
+  """
+  e, t = config.model.encoder, config.train
+  if e.frozen:
+    return 0
+  return t.encoder_from_step * max(t.grad_accum_steps, 1)
 
 
 # ----------------------------------------------------------------------------
@@ -137,7 +150,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                            jax.lax.axis_index(parallel.AXIS))
   num_devices = jax.lax.psum(1, parallel.AXIS)
-  bn_trains = _bn_trains(config)
+  bn_trains = _bn_trains(model)
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
@@ -280,17 +293,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   self_critical = t.objective == 'scst'
   if self_critical:
     scst.check_config(config)
+  pretrained.check_random_frozen(config)
   if config.init_from and is_chief:
     _copy_vocab(checkpoint_lib.locate(config.init_from)[0], workdir)
   # ---------------------------------------------------------------- input
   data = prepare.prepare(config, workdir)
   par = parallel.Parallel(config)
-  train_source = datasets.data_source(data.builder, config.data.train_split)
-  eval_source = datasets.data_source(data.builder, config.data.eval_split)
+  train_source = data.source(config.data.train_split)
+  eval_source = data.source(config.data.eval_split)
   train_iter = iter(pipeline.train_dataset(config, train_source, data.vocab))
 
   # ---------------------------------------------------------------- model
-  model = models.build_captioner(config.model, len(data.vocab))
+  model = models.build_captioner(config.model, len(data.vocab),
+                                 config.data.normalization)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
   abstract = abstract_state(config, model, par.replicated)
@@ -346,12 +361,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         datasets.references(data.builder, config.data.train_split),
         data.vocab, config)
     step_args = (par.put_constant(table),)
-    p_train = par.step(functools.partial(scst.train_step, model=model, tx=tx,
-                                         config=config), constant_argnums=(3,))
+    make_step = lambda m: par.step(functools.partial(
+        scst.train_step, model=m, tx=tx, config=config), constant_argnums=(3,))
   else:
     step_args = ()
-    p_train = par.step(functools.partial(train_step, model=model, tx=tx,
-                                         config=config))
+    make_step = lambda m: par.step(functools.partial(
+        train_step, model=m, tx=tx, config=config))
+  p_train = make_step(model)
+  # Until the encoder starts learning (train.encoder_from_step) its update is
+  # masked anyway; the frozen model stops the gradient at its features, so
+  # XLA drops the encoder's backward pass, about two thirds of its cost. Both
+  # steps take and return the same state: checkpoints do not record which
+  # one ran.
+  frozen_until = _frozen_until(config)
+  p_frozen = make_step(model.clone(frozen=True)) if frozen_until > start else (
+      None)
   p_eval = par.step(functools.partial(eval_step, model=model, config=config),
                     donate_state=False)
   search = evaluate.SearchOptions.of(config.decode)
@@ -373,7 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       while step < t.num_steps:
         step += 1
         batch = par.put_batch(next(train_iter))
-        state, metrics = p_train(state, batch, step_rng, *step_args)
+        p_step = p_frozen if step <= frozen_until else p_train
+        state, metrics = p_step(state, batch, step_rng, *step_args)
         pending.append(metrics)
         for hook in hooks:
           hook(step)

@@ -7,7 +7,9 @@
       --config.data.images=Flicker8k_Dataset
 
 The first run converts the files into a TFDS dataset named after
-`builder_config` (once; later runs reuse it).
+`builder_config` (once; later runs reuse it). The encoder is configs/coco.py's
+ResNet-101 with the same ImageNet weights (downloaded once into the Hugging
+Face cache; `--mode=prepare` fetches them ahead), kept frozen.
 """
 
 from capjax import config as config_lib
@@ -29,4 +31,8 @@ def get_config():
   d.image_size = 224
   d.max_len = 18
   d.min_count = 5
+  e = config.model.encoder
+  e.arch = 'resnet101'
+  e.variant = 'v1.5'
+  e.pretrained = 'timm:a1h_in1k'  # As configs/coco.py: see there why.
   return config

@@ -8,7 +8,6 @@ and padding.
 """
 
 import functools
-import importlib.util
 import math
 import os
 import subprocess
@@ -467,7 +466,228 @@ def test_torch_errors(torch_files, tmp_path):
 def test_download_timm_resnet_errors():
   with pytest.raises(UserError, match='resnet18, resnet34'):
     pretrained.download_timm_resnet('resnet_tiny')
-  if importlib.util.find_spec('huggingface_hub') is not None:
-    pytest.skip('huggingface_hub is installed: would download.')
-  with pytest.raises(UserError, match='pip install huggingface_hub'):
-    pretrained.download_timm_resnet('resnet50')
+  with pytest.raises(UserError, match='resnet18, resnet34'):
+    pretrained.load_encoder_weights(_encoder_config('timm', 'resnet_tiny'),
+                                    _abstract_init('resnet_tiny'))
+
+
+# ---------------------------------------------------------------------------
+# The real-photo configs, the Hugging Face cache, and a random frozen encoder.
+# ---------------------------------------------------------------------------
+
+TIMM_REPO = 'timm/resnet101.a1h_in1k'
+_COMMIT = '0123456789abcdef0123456789abcdef01234567'
+
+
+def _fill_hub_cache(cache, repo: str, weights: str) -> str:
+  """Serves `weights` as `repo`'s model.safetensors from a Hugging Face cache,
+  laid out as huggingface_hub writes it: blobs, snapshots, refs/main."""
+  folder = cache / f'models--{repo.replace("/", "--")}'
+  blob = folder / 'blobs' / ('e' * 64)
+  snapshot = folder / 'snapshots' / _COMMIT
+  for directory in (blob.parent, snapshot, folder / 'refs'):
+    directory.mkdir(parents=True, exist_ok=True)
+  os.link(weights, blob)
+  (snapshot / 'model.safetensors').symlink_to(
+      os.path.relpath(blob, snapshot))
+  (folder / 'refs' / 'main').write_text(_COMMIT)
+  return str(snapshot / 'model.safetensors')
+
+
+@pytest.fixture(scope='module')
+def resnet101_weights(tmp_path_factory):
+  """Random ResNet-101 weights in timm's layout, float16 (~90 MB): the state
+  dict, and a Hugging Face cache that holds them as timm/resnet101.a1h_in1k."""
+  folder = tmp_path_factory.mktemp('resnet101')
+  state = {k: v.astype(np.float16) if v.dtype == np.float32 else v
+           for k, v in _torch_state_dict('resnet101', 5, 1000).items()}
+  path = str(folder / 'model.safetensors')
+  safetensors_numpy.save_file(state, path)
+  cache = folder / 'hub'
+  _fill_hub_cache(cache, TIMM_REPO, path)
+  return state, str(cache)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+  """huggingface_hub offline, reading the cache given: what HF_HUB_OFFLINE=1
+  and HF_HUB_CACHE do, which huggingface_hub reads once, at import."""
+  from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
+
+  def use(cache):
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+  return use
+
+
+def test_real_photo_configs_ask_for_pretrained_resnet101():
+  from configs import caption_files  # pylint: disable=g-import-not-at-top
+  from configs import coco  # pylint: disable=g-import-not-at-top
+  from configs import coco_scst  # pylint: disable=g-import-not-at-top
+  for get_config in (coco.get_config, caption_files.get_config):
+    config = get_config()
+    e = config.model.encoder
+    assert (e.arch, e.variant, e.pretrained) == (
+        'resnet101', 'v1.5', 'timm:a1h_in1k')
+    assert pretrained.TIMM_TAGS['resnet101'] == 'a1h_in1k'
+    assert config.data.normalization == 'imagenet'
+    assert config.data.image_size == 224
+    pretrained.check_random_frozen(config)  # Passes: pretrained.
+  config = coco.get_config()
+  t = config.train
+  epoch = coco.TRAIN_IMAGES / config.batch_size
+  assert t.num_steps / epoch == pytest.approx(30, abs=0.01)
+  assert t.encoder_from_step / epoch == pytest.approx(20, abs=0.01)
+  assert not config.model.encoder.frozen
+  assert (t.learning_rate, t.encoder_learning_rate) == (4e-4, 1e-4)
+  assert (t.attention_penalty, config.model.decoder.dropout) == (1.0, 0.5)
+  assert config.model.decoder.hidden_dim == 512
+  assert (config.decode.beam_size, config.decode.split) == (3, 'test')
+  # Self-critical training starts from the cross-entropy run's weights.
+  scst = coco_scst.get_config()
+  assert scst.model.encoder.frozen
+  pretrained.check_random_frozen(scst)
+
+
+def test_random_frozen_encoder_is_refused():
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  from configs import test  # pylint: disable=g-import-not-at-top
+  config = test.get_config()  # Trained from scratch: not frozen.
+  pretrained.check_random_frozen(config)
+  pretrained.check_random_frozen(shapes.get_config())
+  config.model.encoder.frozen = True
+  with pytest.raises(UserError) as error:
+    pretrained.check_random_frozen(config)
+  message = str(error.value)
+  assert message.startswith('the encoder is frozen and has random weights')
+  assert '--config.model.encoder.pretrained' in message
+  assert '--config.train.allow_random_frozen_encoder=True' in message
+  # Frozen for its first steps is refused too.
+  config.model.encoder.frozen = False
+  config.train.encoder_from_step = 3
+  with pytest.raises(UserError, match='frozen until step 3 and has random'):
+    pretrained.check_random_frozen(config)
+  # What allows it: the field, weights, or a start from another run's.
+  allowed = [config.copy_and_resolve_references() for _ in range(3)]
+  allowed[0].train.allow_random_frozen_encoder = True
+  allowed[1].model.encoder.pretrained = 'timm'
+  allowed[2].init_from = 'runs/ce'
+  for c in allowed:
+    pretrained.check_random_frozen(c)
+
+
+def test_random_frozen_encoder_is_one_line_from_main(tmp_path):
+  # Refused before any data is read: the data dir does not even exist.
+  result = subprocess.run(
+      [sys.executable, '-m', 'capjax.main', '--config=configs/test.py',
+       f'--workdir={tmp_path / "run"}', '--config.model.encoder.frozen=True',
+       f'--config.data.data_dir={tmp_path / "none"}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('capjax: error: the encoder is frozen and has '
+                         'random weights: set --config.model.encoder.'
+                         'pretrained'), result.stderr[-3000:]
+  assert '--config.train.allow_random_frozen_encoder=True' in last
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'none').exists()
+
+
+def test_timm_weights_come_from_the_hub_cache(resnet101_weights, offline_hub):
+  state, cache = resnet101_weights
+  offline_hub(cache)
+  path = pretrained.download_timm_resnet('resnet101')  # The default tag.
+  assert path.startswith(cache) and path.endswith('model.safetensors')
+  assert f'models--timm--resnet101.a1h_in1k/snapshots/{_COMMIT}' in path
+  from configs import coco  # pylint: disable=g-import-not-at-top
+  encoder = coco.get_config().model.encoder
+  target = pretrained.encoder_variables_shape(encoder)
+  variables = pretrained.load_encoder_weights(encoder, target)
+  assert jax.tree.structure(variables) == jax.tree.structure(target)
+  # Exactly the file's values (float16 -> float32 is exact), in capjax's
+  # layout; the ImageNet classifier is left out.
+  features = {k: v for k, v in state.items() if not k.startswith('fc.')}
+  _assert_trees_equal(variables,
+                      pretrained.import_torch_resnet(features, 'resnet101'))
+  np.testing.assert_array_equal(
+      variables['params']['stage3_block22']['conv2']['kernel'],
+      state['layer3.22.conv2.weight'].astype(np.float32).transpose(2, 3, 1, 0))
+  assert pretrained.fetch_encoder_weights(coco.get_config()) == (
+      'timm:a1h_in1k')
+
+
+def test_offline_without_the_weights_is_one_clear_error(tmp_path,
+                                                        offline_hub):
+  offline_hub(tmp_path / 'empty')
+  with pytest.raises(UserError) as error:
+    pretrained.download_timm_resnet('resnet101', 'a1h_in1k')
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith(
+      f'Cannot get the ImageNet weights {TIMM_REPO} (HF_HUB_OFFLINE is set '
+      f'and they are not in the cache {tmp_path / "empty"})')
+  assert (f'https://huggingface.co/{TIMM_REPO}/resolve/main/'
+          'model.safetensors') in message
+  assert '--config.model.encoder.pretrained=PATH.safetensors' in message
+  # Never random weights instead: training stops at the same error.
+  with pytest.raises(UserError, match='Cannot get the ImageNet weights'):
+    pretrained.load_encoder_weights(
+        _encoder_config('timm', 'resnet101'),
+        pretrained.encoder_variables_shape(_encoder_config('timm',
+                                                           'resnet101')))
+
+
+def test_nothing_to_fetch_without_weights_or_for_another_runs_weights():
+  from configs import coco  # pylint: disable=g-import-not-at-top
+  config = coco.get_config()
+  config.init_from = 'runs/ce'  # Its weights are the run's, not ImageNet's.
+  assert pretrained.fetch_encoder_weights(config) is None
+  config.init_from = ''
+  config.model.encoder.pretrained = ''
+  assert pretrained.fetch_encoder_weights(config) is None
+
+
+_PREPARE_COCO = """
+import sys
+sys.path.insert(0, 'tests')
+from absl import app
+import tensorflow_datasets as tfds
+from capjax import main
+from test_datasets import _coco_data_source
+with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
+  app.run(main.main, argv=['capjax.main'] + sys.argv[1:],
+          flags_parser=main.parse_flags)
+"""
+
+
+def test_prepare_coco_fetches_the_encoder_weights(resnet101_weights,
+                                                  tmp_path):
+  """--mode=prepare of configs/coco.py on mock COCO, as a user runs it, with
+  the weights from a pre-filled Hugging Face cache, offline."""
+  _, cache = resnet101_weights
+  (tmp_path / 'tfds').mkdir()
+  args = ['--config=configs/coco.py', f'--workdir={tmp_path / "run"}',
+          '--mode=prepare', f'--config.data.data_dir={tmp_path / "tfds"}',
+          # The mock images are small (tests/test_datasets.py).
+          '--config.data.image_size=32', '--config.data.min_count=2',
+          '--config.data.workers=0']
+
+  def prepare(hub_cache):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(hub_cache))
+    return subprocess.run([sys.executable, '-c', _PREPARE_COCO, *args],
+                          cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+  # Offline without the weights: the data is prepared, then one line.
+  result = prepare(tmp_path / 'empty')
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'capjax: error: Cannot get the ImageNet weights '
+                         f'{TIMM_REPO} (HF_HUB_OFFLINE is set'), last
+  assert 'Traceback' not in result.stderr
+  assert (tmp_path / 'run' / 'vocab.json').exists()
+
+  # With them in the cache: ready for training offline.
+  result = prepare(cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Encoder weights timm:a1h_in1k: ready.' in result.stderr

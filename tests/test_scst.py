@@ -178,10 +178,13 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
     variables = {'params': params, 'batch_stats': state.batch_stats}
     cache = model.apply(variables, host_batch['image'],
                         method='decode_prepare')
+    # The greedy caption the step's baseline decodes, scored as it is.
+    s = config.scst
     tokens = decode.sample(model, variables, cache, None, num_samples=1,
-                           max_len=config.data.max_len).tokens
+                           max_len=config.data.max_len, min_words=s.min_words,
+                           ban_unk=s.ban_unk).tokens
     return jnp.mean(cider_jax.cider_d(
-        tokens, host_batch['references'][..., 1:], table))
+        tokens, host_batch['references'][..., 1:], table, eos=s.eos))
 
   before = float(greedy_cider(state.params))
   state = par.put_state(state)
@@ -203,6 +206,9 @@ def test_coco_scst_config_runs_on_mock_data(tmp_path):
   # pylint: disable-next=g-import-not-at-top
   from test_datasets import _coco_config, _coco_data_source, _tiny_coco_training
   ce = _tiny_coco_training(_coco_config())
+  # No ImageNet weights for the tiny encoder: random, frozen for its 2 steps.
+  ce.model.encoder.pretrained = ''
+  ce.train.allow_random_frozen_encoder = True
   config = _tiny_coco_training(_coco_config(coco_scst.get_config))
   ce.decode.after_training = config.decode.after_training = ''
   config.init_from = str(tmp_path / 'ce')

@@ -49,7 +49,10 @@ def _batch(config, seed=0):
       captions[i, j, lengths[i, j]] = vocab_lib.EOS
       captions[i, j, lengths[i, j] + 1:] = vocab_lib.PAD
   size = config.data.image_size
-  return {'image': rng.normal(size=(b, size, size, 3)).astype(np.float32),
+  # uint8 pixels as the pipeline sends them; after the model's ImageNet
+  # normalisation, about standard normal.
+  pixels = np.clip(rng.normal(117, 58, (b, size, size, 3)), 0, 255)
+  return {'image': pixels.astype(np.uint8),
           'captions': captions, 'mask': np.ones(b, bool),
           'image/id': np.arange(b)}
 
@@ -144,6 +147,8 @@ def test_nonfinite_step_is_skipped_and_stops_the_job(test_config):
   step = par.step(functools.partial(train.train_step, model=model, tx=tx,
                                     config=config))
   batch = _batch(config)
+  # The model also takes float pixels; a NaN one poisons the loss.
+  batch['image'] = batch['image'].astype(np.float32)
   batch['image'][0, 0, 0, 0] = np.nan
   before = jax.tree.map(np.array, state.params)
   new, metrics = step(par.put_state(state), par.put_batch(batch),
@@ -266,19 +271,81 @@ def test_sigterm_saves_and_resumes_exactly(shapes_data_dir, tmp_path):
 def test_coco_config_trains_on_mock_data(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
+  from safetensors import numpy as safetensors_numpy
+  from capjax import pretrained  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
   from test_datasets import _coco_config, _coco_data_source, _tiny_coco_training
+  # pylint: disable-next=g-import-not-at-top
+  from test_pretrained import _torch_state_dict
   config = _tiny_coco_training(_coco_config())
+  # The config's ImageNet weights, as a local file of the tiny encoder's.
+  weights = {k: v for k, v in _torch_state_dict('resnet_tiny', 0).items()
+             if not k.startswith('fc.')}
+  safetensors_numpy.save_file(weights, str(tmp_path / 'tiny.safetensors'))
+  config.model.encoder.pretrained = str(tmp_path / 'tiny.safetensors')
   with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert int(state.step) == 2
   # The config's final test decode ran over the (mock) Karpathy test split.
-  results = json.loads((tmp_path / 'decode' / 'test_step2.json').read_text())
+  results = json.loads(
+      (tmp_path / 'run' / 'decode' / 'test_step2.json').read_text())
   assert results and all(set(r) == {'image_id', 'caption'} for r in results)
-  # The COCO config keeps the encoder frozen: it has no optimizer state.
-  assert 'encoder' in state.params
-  leaves = jax.tree.leaves(state.opt_state)
-  n_decoder = len(jax.tree.leaves(state.params['decoder']))
-  assert len(leaves) <= 2 * n_decoder + 4
+  # 2 steps are within the COCO config's frozen phase: the encoder holds the
+  # file's weights, untouched.
+  assert config.train.encoder_from_step > 2 and not config.model.encoder.frozen
+  loaded = pretrained.import_torch_resnet(weights, 'resnet_tiny')
+  _assert_same(state.params['encoder'], loaded['params'])
+  _assert_same(state.batch_stats['encoder'], loaded['batch_stats'])
+
+
+def _moved(tree, before):
+  """Per leaf: whether any of its values changed."""
+  return jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), tree,
+                      before)
+
+
+def _encoder_adam(state):
+  """The encoder's (ConditionallyMaskState, ScaleByAdamState)."""
+  _, partition = state.opt_state  # chain(clip_by_global_norm, partition)
+  masked = partition.inner_states['encoder'].inner_state
+  return masked, masked.inner_state[0]
+
+
+def test_frozen_phase_then_fine_tuning(test_config, tmp_path):
+  """Until train.encoder_from_step the job runs the frozen model's step (no
+  encoder backward pass); then the encoder trains, its AdamW fresh."""
+  config = test_config
+  config.model.encoder.frozen = False
+  config.model.encoder.freeze_bn = False  # So BatchNorm would move, if run.
+  # 4 images per device: BatchNorm of one image's 1x1 feature grid would
+  # normalise it to 0, and pass no gradient into the encoder.
+  config.batch_size = 32
+  config.train.encoder_from_step = 2
+  config.train.allow_random_frozen_encoder = True  # Random, frozen 2 steps.
+  config.eval.num_batches = 0
+  workdir = str(tmp_path / 'run')
+  config.train.num_steps = 0
+  initial = jax.tree.map(np.asarray, train.train_and_evaluate(config, workdir))
+  config.train.num_steps = 2
+  frozen = train.train_and_evaluate(config, workdir)
+  # The encoder, BatchNorm statistics included, bit for bit; its AdamW has
+  # counted the steps but not started.
+  _assert_same(frozen.params['encoder'], initial.params['encoder'])
+  _assert_same(frozen.batch_stats['encoder'], initial.batch_stats['encoder'])
+  assert any(jax.tree.leaves(_moved(frozen.params['decoder'],
+                                    initial.params['decoder'])))
+  mask, adam = _encoder_adam(frozen)
+  assert int(mask.step) == 2 and int(adam.count) == 0
+  assert all(not np.any(m) for m in jax.tree.leaves(adam.mu))
+
+  config.train.num_steps = 4  # Resumes at step 2: fine-tuning.
+  tuned = train.train_and_evaluate(config, workdir)
+  mask, adam = _encoder_adam(tuned)
+  assert int(mask.step) == 4 and int(adam.count) == 2
+  assert all(jax.tree.leaves(_moved(tuned.params['encoder'],
+                                    initial.params['encoder'])))
+  assert all(jax.tree.leaves(_moved(tuned.batch_stats['encoder'],
+                                    initial.batch_stats['encoder'])))
 
 
 def test_pmap_job_trains_evaluates_and_checkpoints(test_config, tmp_path):

@@ -18,8 +18,7 @@ tokenizer's answer, so that the metrics see the official tokens:
 
 import functools
 import re
-
-from nltk.tokenize import TreebankWordTokenizer
+from typing import Any
 
 # The official scorer's punctuation list.
 _DROP = frozenset([
@@ -54,7 +53,12 @@ _ABBREVIATION_ENDINGS = tuple(' ' + a for a in _ABBREVIATIONS)
 
 
 @functools.cache
-def _treebank() -> TreebankWordTokenizer:
+def _treebank() -> Any:
+  # nltk is imported on first use: the modules that only need the special
+  # token ids (beam search, the train step) import the vocabulary, and
+  # with it this module, on machines without nltk.
+  # pylint: disable-next=g-import-not-at-top
+  from nltk.tokenize import TreebankWordTokenizer
   return TreebankWordTokenizer()
 
 

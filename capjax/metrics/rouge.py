@@ -16,8 +16,7 @@ The LCS itself comes from the `rouge-score` package, fed capjax's tokens.
 
 from collections.abc import Sequence
 import functools
-
-from rouge_score import rouge_scorer
+from typing import Any
 
 BETA = 1.2
 
@@ -37,7 +36,10 @@ class _SpaceTokenizer:
 
 
 @functools.cache
-def _scorer() -> rouge_scorer.RougeScorer:
+def _scorer() -> Any:
+  # Imported on first use: the self-critical step imports capjax.metrics for
+  # its on-device CIDEr-D, also where rouge-score is not installed.
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
   return rouge_scorer.RougeScorer(['rougeL'], tokenizer=_SpaceTokenizer())
 
 
