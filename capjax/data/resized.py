@@ -4,8 +4,8 @@ Decoding a 640x480 COCO JPEG and resizing it to 224 px takes a CPU core
 about 3 ms: a 16-core host then feeds ~3,000 images/s, a fraction of what a
 GPU trains on. So every split is copied once, resized to
 `config.data.image_size` and stored as a small JPEG, and training,
-validation and decoding read that copy (decoding a 224 px JPEG is ~10x
-cheaper). The original TFDS dataset stays the source of truth; a copy at
+validation and decoding read that copy (about 9x the images per core:
+see BENCHMARKS.md). The original TFDS dataset stays the source of truth; a copy at
 another resolution is simply another copy.
 
 The copy lives beside the dataset in the TFDS data dir, named by its
@@ -18,10 +18,10 @@ its `.json`, or whose shards are not the size it records, is never read
 (and is copied again). Splits are copied as jobs first need them (or all
 at once by `--mode=prepare`).
 
-Why JPEG (quality 95) and not raw pixels: at 224 px a raw image is 150 KB,
-COCO's copy 18.5 GB, where JPEG takes ~37 KB and 4.5 GB, which the page
-cache holds; and decoding it still meets the target of the input path (see
-BENCHMARKS.md).
+Why JPEG (quality 95, colour at full resolution) and not raw pixels: at
+224 px a raw image is 150 KB, COCO's copy 18.5 GB, where JPEG takes ~51 KB
+and ~6.3 GB, which a host's page cache can hold; and decoding it still
+meets the input path's target of 1,500 images/s per core.
 """
 
 import bisect
