@@ -112,6 +112,9 @@ def train_step(state: train.TrainState, batch: dict[str, jax.Array],
   s = config.scst
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                            jax.lax.axis_index(parallel.AXIS))
+  # Independent streams: `decode.sample` folds the token index into its key,
+  # so folding small numbers into one shared key would reuse a draw's key.
+  sample_rng, dropout_rng = jax.random.split(rng)
   num_devices = jax.lax.psum(1, parallel.AXIS)
   references = batch['references'][..., 1:]  # [B, R, T]: no <bos>
   mask = batch['mask']  # [B]
@@ -123,7 +126,7 @@ def train_step(state: train.TrainState, batch: dict[str, jax.Array],
     features = model.apply(variables, batch['image'],
                            method='encode')  # [B, P, C], once per image
     cache = model.apply(variables, features, method='prepare')
-    samples = decode.sample(model, variables, cache, rng,
+    samples = decode.sample(model, variables, cache, sample_rng,
                             num_samples=s.num_samples,
                             temperature=s.temperature, **sampling)
     candidates = samples.tokens  # [B, k, T]
@@ -155,7 +158,7 @@ def train_step(state: train.TrainState, batch: dict[str, jax.Array],
     if s.ce_weight:
       logits, alphas = model.apply(variables, features, batch['captions'],
                                    train=True, method='teacher_forcing',
-                                   rngs={'dropout': jax.random.fold_in(rng, 1)})
+                                   rngs={'dropout': dropout_rng})
       ce = train.caption_losses(logits, batch['captions'], alphas, mask,
                                 config.train.label_smoothing)
       ce_tokens = jax.lax.psum(ce['tokens'], parallel.AXIS)
@@ -168,10 +171,14 @@ def train_step(state: train.TrainState, batch: dict[str, jax.Array],
       state.params)
   grads = jax.lax.pmean(grads, parallel.AXIS)
   sums = jax.lax.psum(sums, parallel.AXIS)
-  loss = sums['pg'] / sums['tokens']
+  pg_loss = sums['pg'] / sums['tokens']
+  loss = pg_loss  # What the gradient is of, and what the guard checks.
+  if s.ce_weight:
+    loss = loss + s.ce_weight * sums['ce'] / sums['ce_tokens']
   state, grad_norm, finite = train.apply_gradients(state, grads, loss, tx)
   metrics = {
       'loss': loss,
+      'policy_gradient_loss': pg_loss,
       'reward': sums['reward'] / sums['samples'],
       'baseline': sums['baseline'] / sums['samples'],
       'entropy': sums['entropy'] / sums['tokens'],

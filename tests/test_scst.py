@@ -130,6 +130,59 @@ def test_scst_step_under_jit_and_pmap(test_config):
   assert metrics['examples'].shape == (scst.EXAMPLES, 6)
 
 
+class _RecordingModel:
+  """The model, recording the keys of its dropout as the step uses them."""
+
+  def __init__(self, model, dropout_keys):
+    self._model, self._keys = model, dropout_keys
+
+  def apply(self, *args, rngs=None, **kwargs):
+    if rngs and 'dropout' in rngs:
+      jax.debug.callback(self._keys.append,
+                         jax.random.key_data(rngs['dropout']))
+    return self._model.apply(*args, rngs=rngs, **kwargs)
+
+
+def test_sampling_and_dropout_draw_from_independent_keys(test_config,
+                                                          monkeypatch):
+  config = _scst_config(test_config)
+  config.scst.ce_weight = 0.5  # The cross-entropy term uses dropout.
+  model, tx, state = _init(config)
+  sample_keys, dropout_keys = [], []
+  sample = decode.sample
+
+  def recording_sample(model, variables, cache, rng, **kwargs):
+    if rng is not None:  # Every token's key, as `decode.sample` derives it.
+      for t in range(config.data.max_len):
+        jax.debug.callback(sample_keys.append,
+                           jax.random.key_data(jax.random.fold_in(rng, t)))
+    return sample(model, variables, cache, rng, **kwargs)
+
+  monkeypatch.setattr(scst.decode, 'sample', recording_sample)
+  par = parallel.Parallel(config)
+  step = par.step(functools.partial(
+      scst.train_step, model=_RecordingModel(model, dropout_keys), tx=tx,
+      config=config), constant_argnums=(3,))
+  batch = _scst_batch(config)
+  jax.block_until_ready(step(par.put_state(state), par.put_batch(batch),
+                             jax.random.key(0),
+                             par.put_constant(_table(batch))))
+  jax.effects_barrier()
+  assert sample_keys and dropout_keys
+  drawn = {tuple(np.asarray(k).ravel()) for k in sample_keys}
+  assert not drawn & {tuple(np.asarray(k).ravel()) for k in dropout_keys}
+
+
+def test_the_logged_loss_is_the_one_optimised(test_config):
+  config = _scst_config(test_config)
+  config.scst.ce_weight = 0.5
+  _, _, metrics = _run(config, steps=1)
+  np.testing.assert_allclose(
+      metrics['loss'], metrics['policy_gradient_loss'] +
+      0.5 * metrics['cross_entropy'], rtol=1e-5)
+  assert metrics['cross_entropy'] > 1  # A random model's: far from 0.
+
+
 def test_mean_baseline_averages_the_other_samples(test_config):
   config = _scst_config(test_config, baseline='mean')
   _, state, metrics = _run(config, steps=1)
