@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
@@ -111,9 +112,8 @@ class Parallel:
       def call(*args):
         out = mapped(*_pmap_args(args, batch_argnums + constant_argnums))
         if donate_state:
-          return (out[0],) + tuple(jax.tree.map(lambda x: x[0], o)
-                                   for o in out[1:])
-        return jax.tree.map(lambda x: x[0], out)
+          return (out[0],) + tuple(jax.tree.map(_first, o) for o in out[1:])
+        return jax.tree.map(_first, out)
       # For cost analysis (benchmarks): the compiled step of these arguments.
       call.lower = lambda *args: mapped.lower(
           *_pmap_args(args, batch_argnums + constant_argnums))
@@ -175,6 +175,12 @@ def _pmap_args(args, placed_argnums):
           for i, a in enumerate(args)]
 
 
+def _first(x):
+  # The first device's copy of a pmap output, read in place (x[0] would send
+  # the index to the device at every step).
+  return x.addressable_data(0).reshape(x.shape[1:])
+
+
 def _local(x):
   # A replicated global array -> this process's copy, for pmap.
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -184,6 +190,9 @@ def _local(x):
 
 def _stack(x, n):
   if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
+    # Broadcast where the key is, on the device: no round trip through the
+    # host at every step.
+    data = jax.random.key_data(x)
     return jax.random.wrap_key_data(
-        np.stack([jax.random.key_data(x)] * n), impl=jax.random.key_impl(x))
+        jnp.broadcast_to(data, (n,) + data.shape), impl=jax.random.key_impl(x))
   return np.stack([np.asarray(x)] * n)
