@@ -7,6 +7,8 @@ config is locked, so a misspelt field is an error rather than a new field.
 
 import ml_collections
 
+from capjax.errors import UserError
+
 
 def defaults() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -180,3 +182,50 @@ def defaults() -> ml_collections.ConfigDict:
   dc.poll_seconds = 60
   dc.timeout_seconds = 3_600
   return config
+
+
+# Fields that count something: a zero or a negative value is a mistake that
+# would otherwise surface deep inside grain, PIL or XLA.
+_POSITIVE = (
+    'batch_size', 'data.image_size', 'data.captions_per_image',
+    'data.read_threads', 'data.prefetch_buffer_size', 'train.num_steps',
+    'train.grad_accum_steps', 'train.log_every_steps',
+    'train.checkpoint_every_steps', 'train.keep_checkpoints',
+    'eval.every_steps', 'eval.beam_size', 'decode.beam_size',
+    'scst.num_samples', 'scst.max_references', 'model.decoder.embed_dim',
+    'model.decoder.hidden_dim', 'model.decoder.attention_dim',
+)
+_NOT_NEGATIVE = (
+    'data.workers', 'data.min_count', 'model.encoder.grid',
+    'train.warmup_steps', 'train.encoder_from_step', 'eval.num_samples',
+    'decode.batch_size', 'decode.poll_seconds', 'decode.timeout_seconds',
+)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line UserError for the first field with a value no job
+  can use. (Names of datasets, archs, schedules and the like are checked
+  where they are used, against the lists there.)"""
+  # Here, not at the top: configs import this module, and need no metrics.
+  from capjax.metrics import METEOR_MODES  # pylint: disable=g-import-not-at-top
+
+  def value(name):
+    node = config
+    for part in name.split('.'):
+      node = node[part]
+    return node
+
+  for name in _POSITIVE + _NOT_NEGATIVE:
+    v = value(name)
+    least = 1 if name in _POSITIVE else 0
+    if not isinstance(v, int) or isinstance(v, bool) or v < least:
+      raise UserError(f'--config.{name}={v!r} must be an integer >= {least}')
+  if config.data.max_len < 3:
+    raise UserError(f'--config.data.max_len={config.data.max_len} must be >= 3'
+                    ' (<bos>, a word, <eos>)')
+  if not 0 <= config.model.decoder.dropout < 1:
+    raise UserError(f'--config.model.decoder.dropout='
+                    f'{config.model.decoder.dropout} must be in [0, 1)')
+  if config.decode.meteor not in METEOR_MODES:
+    raise UserError(f'unknown --config.decode.meteor={config.decode.meteor!r}'
+                    f'; choose one of {", ".join(METEOR_MODES)}')

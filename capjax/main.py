@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from capjax import config as config_lib
 from capjax import distributed
 from capjax.errors import UserError
 
@@ -59,6 +60,20 @@ def run(config, workdir: str, mode: str) -> None:
     evaluate.evaluate_continuously(config, workdir)
 
 
+def _load_config():
+  """--config's file, loaded (lazily, by the flag) with errors as one line."""
+  path = config_flags.get_config_filename(FLAGS['config'])
+  try:
+    config = FLAGS.config
+    config.keys()  # A file that failed to load left a stand-in that raises.
+    return config
+  except OSError as e:  # A missing or unreadable file.
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    raise UserError(f'cannot load --config={path}: '
+                    f'{lines[-1].strip() if lines else type(e).__name__}'
+                    ) from None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with config-override mistakes as one line, not a trace."""
   try:
@@ -69,6 +84,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     # ml_collections wraps the message of a misspelt field in a repr.
     message = str(e).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
     sys.exit(f'capjax: error: bad --config override: {message}')
+  except SyntaxError as e:
+    sys.exit(f'capjax: error: --config file {e.filename}, line {e.lineno}: '
+             f'{e.msg}')
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    # get_config() of the --config file raised.
+    sys.exit(f'capjax: error: the --config file failed to load: '
+             f'{type(e).__name__}: {e}')
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -90,7 +112,9 @@ def main(argv):
     logging.info('JAX process %d of %d; local devices: %s',
                  jax.process_index(), jax.process_count(),
                  jax.local_devices())
-    run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    config = _load_config()
+    config_lib.check(config)
+    run(config, FLAGS.workdir, FLAGS.mode)
   except UserError as e:
     sys.exit(f'capjax: error: {e}')
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from absl import logging
 import flax
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -344,7 +345,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   writer = metric_writers.create_default_writer(
       workdir, just_logging=not is_chief, asynchronous=True)
   if start == 0:
-    writer.write_hparams(_flat(config.to_dict()))
+    writer.write_hparams(
+        traverse_util.flatten_dict(config.to_dict(), sep='.'))
   if is_chief:
     # What `capjax.caption` needs to rebuild the model and its inputs.
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -508,13 +510,3 @@ def _evaluate(config, p_eval, decoder, state, source, references, writer,
     for line in samples:
       logging.info('Sample: %s', line.replace('\n', ' | '))
   return metrics
-
-
-def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -77,3 +79,32 @@ def test_bad_input_is_one_line_and_nothing_is_lost(shapes_data_dir, tmp_path):
     assert 'Traceback' not in err, err
   assert sorted(os.listdir(workdir)) == ['vocab.json']
   assert 'other' in (workdir / 'vocab.json').read_text()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/missing.py'],
+     "cannot load --config=configs/missing.py: [Errno 2] No such file"),
+    (['--config=BAD/syntax.py'], "syntax.py, line 2: '(' was never closed"),
+    (['--config=BAD/raises.py'],
+     'the --config file failed to load: ZeroDivisionError'),
+    (['--config=configs/test.py', '--config.batch_size=0'],
+     '--config.batch_size=0 must be an integer >= 1'),
+    (['--config=configs/test.py', '--config.batch_size=-8'],
+     '--config.batch_size=-8 must be an integer >= 1'),
+    (['--config=configs/test.py', '--config.data.image_size=0'],
+     '--config.data.image_size=0 must be an integer >= 1'),
+    (['--config=configs/test.py', '--config.decode.meteor=java8'],
+     "unknown --config.decode.meteor='java8'"),
+])
+def test_config_mistakes_are_one_line(args, message, tmp_path):
+  (tmp_path / 'syntax.py').write_text('def get_config():\n  return (\n')
+  (tmp_path / 'raises.py').write_text('def get_config():\n  return 1 / 0\n')
+  args = [a.replace('BAD', str(tmp_path)) for a in args]
+  workdir = tmp_path / 'run'
+  proc = _main(*args, f'--workdir={workdir}')
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('capjax: error: ') and message in last, err[-2000:]
+  assert 'Traceback' not in err
+  assert not workdir.exists()  # Nothing written before the check.
