@@ -40,6 +40,44 @@ def meta(config: ml_collections.ConfigDict, vocab: Vocab) -> dict[str, Any]:
   }
 
 
+# What a checkpoint's optimizer state and data position only fit, beyond the
+# model: each field with the part of its value that matters. The data
+# position counts batches, so the batch size must stay; the optimizer
+# state's structure changes with accumulation (optax.MultiSteps), clipping
+# and a delayed encoder update (a masked AdamW), not with their amounts.
+_RESUME_FIELDS = {
+    'batch_size': lambda v: v,
+    'train.grad_accum_steps': lambda v: v > 1,
+    'train.grad_clip_norm': lambda v: v > 0,
+    'train.encoder_from_step': lambda v: v > 0,
+}
+
+
+def _resume_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  out = {}
+  for name in _RESUME_FIELDS:
+    node = config
+    for part in name.split('.'):
+      node = node[part]
+    out[name] = node
+  return out
+
+
+def _check_resume_fields(saved: dict[str, Any], current: dict[str, Any],
+                         directory: str) -> None:
+  """A one-line error for a setting the checkpoints cannot continue with."""
+  for name, key in _RESUME_FIELDS.items():
+    if name in saved and key(saved[name]) != key(current[name]):
+      why = ('the saved data position counts batches of that size'
+             if name == 'batch_size' else
+             "the optimizer's state has another structure with it")
+      raise UserError(
+          f'--config.{name}={current[name]!r}, but the checkpoints in '
+          f'{directory} were trained with {saved[name]!r} and {why}: set it '
+          'back, or start a new --workdir (--config.init_from can take the '
+          "model's weights from this one)")
+
+
 # Model fields that leave the parameters as they are: a run started from
 # another's weights (config.init_from) may set them otherwise.
 _PARAMETER_FREE = ('model.dtype', 'model.encoder.frozen',
@@ -72,6 +110,7 @@ class Checkpoints:
                        keep_checkpoints_without_metrics=False),
     ])
     self.directory = directory
+    self._resume = _resume_fields(config)
     self.discard_data_state = t.discard_data_state
     if not create and not os.path.isdir(directory):
       raise UserError(f'no checkpoint in {directory}: train first '
@@ -92,7 +131,8 @@ class Checkpoints:
     """Starts writing `step` in the background; see `wait`."""
     # The data position is one file per process: it only restores on as
     # many processes.
-    meta_data = dict(meta_data, processes=jax.process_count())
+    meta_data = dict(meta_data, processes=jax.process_count(),
+                     resume=self._resume)
     self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -118,16 +158,21 @@ class Checkpoints:
         saved = self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))['meta']
       except Exception as e:  # pylint: disable=broad-except
-        if not self._has_item(step, 'meta'):
+        if not any(self._has_item(s, 'meta') for s in steps):
           raise UserError(
               f'{self.directory} holds checkpoints that capjax did not write '
               f'(step {step} has no capjax metadata); use a new --workdir'
           ) from None
+        # Some step is capjax's: this one was cut short (or damaged).
         logging.warning('Checkpoint %d is unreadable (%s); trying the one '
                         'before.', step, _first_line(e))
         unreadable.append(step)
         continue
       processes = saved.pop('processes', jax.process_count())
+      # Absent from checkpoints of older versions, which then resume as
+      # they did.
+      _check_resume_fields(saved.pop('resume', {}), self._resume,
+                           self.directory)
       differences = _differences(saved, meta_data)
       if differences:
         raise UserError(
@@ -186,7 +231,9 @@ class Checkpoints:
                       f'it has steps {", ".join(map(str, steps))}')
     saved = self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))['meta']
-    saved.pop('processes', None)  # Evaluation reads no data position.
+    # Evaluation reads no data position and no optimizer state.
+    saved.pop('processes', None)
+    saved.pop('resume', None)
     differences = _differences(saved, meta_data)
     if differences:
       raise UserError(

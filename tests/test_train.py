@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,6 +203,25 @@ def test_resume_is_bit_exact(test_config, tmp_path):
   with pytest.raises(UserError, match='model.decoder.hidden_dim: 16 -> 24'):
     train.train_and_evaluate(test_config, str(tmp_path / 'b'))
   assert sorted(os.listdir(tmp_path / 'b' / 'checkpoints')) == ['3', '6']
+  test_config.model.decoder.hidden_dim = 16
+
+  # Settings the saved data position or optimizer state cannot continue
+  # with: one line naming the field; every checkpoint stays as it is.
+  test_config.train.num_steps = 9
+  for field, value, saved in (('batch_size', 16, 8),
+                              ('train.grad_accum_steps', 2, 1),
+                              ('train.grad_clip_norm', 0.0, 5.0)):
+    changed = test_config.copy_and_resolve_references()
+    *parents, name = field.split('.')
+    (changed[parents[0]] if parents else changed)[name] = value
+    with pytest.raises(UserError, match=(
+        rf'--config.{field}={value!r}, but .* trained with {saved!r}')):
+      train.train_and_evaluate(changed, str(tmp_path / 'b'))
+    assert sorted(os.listdir(tmp_path / 'b' / 'checkpoints')) == ['3', '6']
+  # A clipping threshold of another size is the same optimizer state.
+  test_config.train.grad_clip_norm = 1.0
+  assert int(train.train_and_evaluate(test_config,
+                                      str(tmp_path / 'b')).step) == 9
 
 
 def test_corrupted_latest_falls_back_to_the_previous(test_config, tmp_path):
@@ -217,6 +237,17 @@ def test_corrupted_latest_falls_back_to_the_previous(test_config, tmp_path):
   # The unreadable step is set aside, not deleted, and step 6 is redone.
   assert sorted(os.listdir(ckpt)) == ['3', '6', '7', 'unreadable-6']
   assert (ckpt / 'unreadable-6' / 'state').is_dir()
+
+
+def test_a_newest_step_without_metadata_is_skipped(test_config, tmp_path):
+  test_config.train.num_steps = 6
+  train.train_and_evaluate(test_config, str(tmp_path))
+  ckpt = tmp_path / 'checkpoints'
+  shutil.rmtree(ckpt / '6' / 'meta')
+  test_config.train.num_steps = 7
+  state = train.train_and_evaluate(test_config, str(tmp_path))
+  assert int(state.step) == 7  # From step 3.
+  assert sorted(os.listdir(ckpt)) == ['3', '6', '7', 'unreadable-6']
 
 
 def test_foreign_checkpoint_directory(test_config, tmp_path):
