@@ -255,6 +255,8 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
 def test_coco_scst_config_runs_on_mock_data(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from capjax import train  # pylint: disable=g-import-not-at-top
+  from capjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from capjax.data import prepare  # pylint: disable=g-import-not-at-top
   from configs import coco_scst  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
   from test_datasets import _coco_config, _coco_data_source, _tiny_coco_training
@@ -272,9 +274,16 @@ def test_coco_scst_config_runs_on_mock_data(tmp_path):
       bad.init_from = ''
       train.train_and_evaluate(bad, str(tmp_path / 'none'))
     state = train.train_and_evaluate(config, str(tmp_path / 'scst'))
+    data = prepare.prepare(config, str(tmp_path / 'scst'))
+    batch = next(iter(pipeline.train_dataset(
+        config, data.source(config.data.train_split), data.vocab)))
   assert int(state.step) == 2
-  # COCO images have 5 to 7 captions: the batches carry up to 7.
-  assert config.scst.max_references == 7
+  # COCO images have 5 to 7 captions: the batches carry them all, up to 7
+  # rows, the missing ones <pad>.
+  references = batch['references']  # [B, 7, L]
+  assert references.shape[:2] == (config.batch_size, 7)
+  counts = (references[..., 0] != PAD).sum(-1)  # [B]
+  assert set(counts) <= {5, 6, 7} and counts.max() > 5
 
 
 def test_init_from_must_be_the_same_model(test_config, tmp_path):

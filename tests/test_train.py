@@ -387,5 +387,10 @@ def test_pmap_job_trains_evaluates_and_checkpoints(test_config, tmp_path):
   step, params = _params(str(tmp_path))
   assert step == 3
   _assert_same(params, state.params)
-  events = [f for f in os.listdir(tmp_path) if 'events' in f]
-  assert events  # TensorBoard summaries, with the eval metrics among them.
+  # TensorBoard summaries, with the eval metrics among them.
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  events, = [f for f in os.listdir(tmp_path) if 'events' in f]
+  tags = {v.tag for e in event_file_loader.EventFileLoader(
+      str(tmp_path / events)).Load() for v in e.summary.value}
+  assert {'train/loss', 'train/learning_rate', 'eval/val_loss',
+          'eval/val_CIDEr', 'eval/val_BLEU-4', 'eval/samples'} <= tags
