@@ -5,6 +5,7 @@ again on the same workdir, it continues from the newest checkpoint exactly
 where it stopped (model, optimizer, data position, RNG), also after SIGTERM.
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -26,6 +27,7 @@ import optax
 from capjax import models
 from capjax import optimizer
 from capjax import parallel
+from capjax import workdir as workdir_lib
 from capjax.data.vocab import PAD
 from capjax.errors import UserError
 
@@ -271,7 +273,21 @@ def _learning_rate(config, step: int) -> float:
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint."""
+  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+
+  Process 0 holds the workdir's lock meanwhile: a second trainer on the
+  same workdir stops at once with a line naming this one.
+  """
+  from capjax.data import prepare  # pylint: disable=g-import-not-at-top
+  prepare.check_workdir(workdir)
+  held = (workdir_lib.lock(workdir) if jax.process_index() == 0 else
+          contextlib.nullcontext())
+  with held:
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict,
+                        workdir: str) -> TrainState:
   # The loop's own dependencies (TFDS, grain, clu) load here, so that the
   # steps above import on machines that have only jax, flax and optax.
   # pylint: disable=g-import-not-at-top
