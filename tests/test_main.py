@@ -70,14 +70,17 @@ def test_bad_input_is_one_line_and_nothing_is_lost(shapes_data_dir, tmp_path):
           f'--config.data.manual_dir={tmp_path / "mine"}',
           '--config.data.annotations=captions.json'],
   }
-  procs = {want: _main(*args) for want, args in cases.items()}
-  for want, proc in procs.items():
+  # One after the other: one trainer at a time holds the workdir.
+  for want, args in cases.items():
+    proc = _main(*args)
     _, err = proc.communicate(timeout=300)
     last = err.strip().splitlines()[-1]
     assert proc.returncode != 0, want
     assert last.startswith('capjax: error: ') and want in last, (want, err)
     assert 'Traceback' not in err, err
-  assert sorted(os.listdir(workdir)) == ['vocab.json']
+  # Only the (released, empty) lock file is new.
+  assert sorted(os.listdir(workdir)) == ['train.lock', 'vocab.json']
+  assert (workdir / 'train.lock').read_text() == ''
   assert 'other' in (workdir / 'vocab.json').read_text()
 
 
