@@ -339,6 +339,7 @@ def bench_input(config, workdir: str | None, workers: list[int],
   dataset's own files, decoded at reduced scale.
   """
   # pylint: disable=g-import-not-at-top
+  from capjax.data import datasets
   from capjax.data import pipeline
   from capjax.data import prepare
   from capjax.data import resized
@@ -354,18 +355,15 @@ def bench_input(config, workdir: str | None, workers: list[int],
     d = config.data.copy_and_resolve_references()
     d.resized_copy = kind == 'copy'
     row = {'source': kind}
-    names = prepare.datasets.split_names(split)
+    names = datasets.split_names(split)
     if d.resized_copy and resized.missing(data.builder, names, d.image_size):
       start = time.perf_counter()
       prepare.build_copy(data.builder, names, d.image_size)
       row['copy_seconds'] = time.perf_counter() - start
     source = prepare.Data(data.builder, data.vocab, d).source(split)
     if d.resized_copy:
-      row['copy_bytes_per_image'] = sum(
-          os.path.getsize(os.path.join(f, n)) for f in
-          [resized.directory(data.builder, d.image_size)]
-          for n in os.listdir(f) if n.split('-')[0] in names and
-          n.endswith('.array_record')) / len(source)
+      row['copy_bytes_per_image'] = resized.size_on_disk(
+          data.builder, names, d.image_size) / len(source)
     for n in workers:
       c = config.copy_and_resolve_references()
       c.data.workers = n

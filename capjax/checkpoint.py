@@ -23,6 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as managers
 
+from capjax import config as config_lib
 from capjax.data.vocab import Vocab
 from capjax.errors import UserError
 
@@ -54,13 +55,7 @@ _RESUME_FIELDS = {
 
 
 def _resume_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  out = {}
-  for name in _RESUME_FIELDS:
-    node = config
-    for part in name.split('.'):
-      node = node[part]
-    out[name] = node
-  return out
+  return {name: config_lib.field(config, name) for name in _RESUME_FIELDS}
 
 
 def _check_resume_fields(saved: dict[str, Any], current: dict[str, Any],

@@ -202,6 +202,13 @@ _NOT_NEGATIVE = (
 )
 
 
+def field(config: ml_collections.ConfigDict, name: str):
+  """The value of a dotted field name, e.g. field(config, 'train.num_steps')."""
+  for part in name.split('.'):
+    config = config[part]
+  return config
+
+
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line UserError for the first field with a value no job
   can use. (Names of datasets, archs, schedules and the like are checked
@@ -209,14 +216,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   # Here, not at the top: configs import this module, and need no metrics.
   from capjax.metrics import METEOR_MODES  # pylint: disable=g-import-not-at-top
 
-  def value(name):
-    node = config
-    for part in name.split('.'):
-      node = node[part]
-    return node
-
   for name in _POSITIVE + _NOT_NEGATIVE:
-    v = value(name)
+    v = field(config, name)
     least = 1 if name in _POSITIVE else 0
     if not isinstance(v, int) or isinstance(v, bool) or v < least:
       raise UserError(f'--config.{name}={v!r} must be an integer >= {least}')

@@ -13,17 +13,18 @@ def test_the_shipped_configs_pass(get_config):
   config_lib.check(get_config())
 
 
+def _set(config, name, value):
+  parent, _, last = name.rpartition('.')
+  (config_lib.field(config, parent) if parent else config)[last] = value
+
+
 @pytest.mark.parametrize('name', config_lib._POSITIVE)  # pylint: disable=protected-access
 def test_counts_must_be_positive(name):
   config = config_lib.defaults()
-  *parents, field = name.split('.')
-  node = config
-  for part in parents:
-    node = node[part]
-  node[field] = 0
+  _set(config, name, 0)
   with pytest.raises(UserError, match=f'--config.{name}=0 must be an integer'):
     config_lib.check(config)
-  node[field] = -3
+  _set(config, name, -3)
   with pytest.raises(UserError, match=f'--config.{name}=-3'):
     config_lib.check(config)
 
@@ -31,13 +32,9 @@ def test_counts_must_be_positive(name):
 @pytest.mark.parametrize('name', config_lib._NOT_NEGATIVE)  # pylint: disable=protected-access
 def test_zero_allowed_but_not_below(name):
   config = config_lib.defaults()
-  *parents, field = name.split('.')
-  node = config
-  for part in parents:
-    node = node[part]
-  node[field] = 0
+  _set(config, name, 0)
   config_lib.check(config)
-  node[field] = -1
+  _set(config, name, -1)
   with pytest.raises(UserError, match=f'--config.{name}=-1 must be an integer >= 0'):
     config_lib.check(config)
 

@@ -188,6 +188,13 @@ def build(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
   return folder
 
 
+def size_on_disk(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
+                 image_size: int) -> int:
+  """Bytes of the complete copies of `splits`, as their records say."""
+  return sum(_read_split_info(builder, s, image_size)['bytes']
+             for s in dict.fromkeys(splits))
+
+
 class ResizedSource(Sequence):
   """Random access to a split spec of the copy, in TFDS's order.
 
