@@ -183,6 +183,7 @@ def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
   # pylint: disable=g-import-not-at-top
   from capjax import optimizer
   from capjax import parallel
+  from capjax import state as state_lib
   from capjax import train
   # pylint: enable=g-import-not-at-top
   config = config.copy_and_resolve_references()
@@ -194,7 +195,7 @@ def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
   model = models.build_captioner(config.model, vocab_size,
                                  config.data.normalization)
   par = parallel.Parallel(config)
-  state = jax.jit(functools.partial(train.create_train_state, config, model,
+  state = jax.jit(functools.partial(state_lib.create, config, model,
                                     None), out_shardings=par.replicated)(
                                         jax.random.key(0))
   tx = optimizer.make(config, state.params)
@@ -237,6 +238,7 @@ def bench_scst(config, per_device_batch: int, steps: int, repeats: int,
   from capjax import optimizer
   from capjax import parallel
   from capjax import scst
+  from capjax import state as state_lib
   from capjax import train
   from capjax.metrics import cider_jax
   # pylint: enable=g-import-not-at-top
@@ -264,7 +266,7 @@ def bench_scst(config, per_device_batch: int, steps: int, repeats: int,
   for name, fn, extra in (
       ('cross_entropy', train.train_step, ()),
       ('scst', scst.train_step, (par.put_constant(table),))):
-    state = jax.jit(functools.partial(train.create_train_state, config, model,
+    state = jax.jit(functools.partial(state_lib.create, config, model,
                                       None), out_shardings=par.replicated)(
                                           jax.random.key(0))
     tx = optimizer.make(config, state.params)

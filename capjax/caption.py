@@ -153,7 +153,7 @@ def load_trained(workdir: str, step: int | None = None):
   try:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     state, step = checkpoints.restore_state(
-        train.abstract_state(config, model, device),
+        state_lib.abstract(config, model, device),
         checkpoint_lib.meta(config, vocab), step)
   finally:
     checkpoints.close()

@@ -180,7 +180,7 @@ class _Job:
     # pylint: disable=g-import-not-at-top
     from clu import metric_writers
     from capjax import checkpoint as checkpoint_lib
-    from capjax import train
+    from capjax import state as state_lib
     # pylint: enable=g-import-not-at-top
     self.config = config
     self.workdir = workdir
@@ -188,7 +188,7 @@ class _Job:
     self.par = parallel.Parallel(config)
     model = models.build_captioner(config.model, len(self.data.vocab),
                                  config.data.normalization)
-    self.abstract = train.abstract_state(config, model, self.par.replicated)
+    self.abstract = state_lib.abstract(config, model, self.par.replicated)
     self.meta = checkpoint_lib.meta(config, self.data.vocab)
     self.checkpoints = checkpoint_lib.Checkpoints(
         os.path.join(os.path.abspath(workdir), 'checkpoints'), config,

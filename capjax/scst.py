@@ -40,8 +40,9 @@ import numpy as np
 import optax
 
 from capjax import decode
+from capjax import losses
 from capjax import parallel
-from capjax import train
+from capjax import state as state_lib
 from capjax.data.vocab import EOS, PAD, Vocab
 from capjax.errors import UserError
 from capjax.metrics import cider_jax
@@ -98,11 +99,11 @@ def document_frequencies(references: dict[int, list[str]], vocab: Vocab,
   return table
 
 
-def train_step(state: train.TrainState, batch: dict[str, jax.Array],
+def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
                rng: jax.Array, table: cider_jax.DocumentFrequencies, *,
                model: nn.Module, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict
-               ) -> tuple[train.TrainState, dict[str, jax.Array]]:
+               ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One SCST step on this device's share of the batch.
 
   The batch needs `references` [B, R, L] (all captions of each image) and,
@@ -159,7 +160,7 @@ def train_step(state: train.TrainState, batch: dict[str, jax.Array],
       logits, alphas = model.apply(variables, features, batch['captions'],
                                    train=True, method='teacher_forcing',
                                    rngs={'dropout': dropout_rng})
-      ce = train.caption_losses(logits, batch['captions'], alphas, mask,
+      ce = losses.caption_losses(logits, batch['captions'], alphas, mask,
                                 config.train.label_smoothing)
       ce_tokens = jax.lax.psum(ce['tokens'], parallel.AXIS)
       sums['ce'], sums['ce_tokens'] = ce['ce'], ce['tokens']
@@ -175,7 +176,7 @@ def train_step(state: train.TrainState, batch: dict[str, jax.Array],
   loss = pg_loss  # What the gradient is of, and what the guard checks.
   if s.ce_weight:
     loss = loss + s.ce_weight * sums['ce'] / sums['ce_tokens']
-  state, grad_norm, finite = train.apply_gradients(state, grads, loss, tx)
+  state, grad_norm, finite = state_lib.apply_gradients(state, grads, loss, tx)
   metrics = {
       'loss': loss,
       'policy_gradient_loss': pg_loss,

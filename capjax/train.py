@@ -26,55 +26,18 @@ import optax
 
 from capjax import models
 from capjax import optimizer
+from capjax import losses
 from capjax import parallel
+from capjax import preemption as preemption_lib
+from capjax import state as state_lib
 from capjax import workdir as workdir_lib
 from capjax.data.vocab import PAD
 from capjax.errors import UserError
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 [], optimizer steps taken
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
-
 # ----------------------------------------------------------------------------
 # The model and its state.
 # ----------------------------------------------------------------------------
-
-
-def _example_inputs(config: ml_collections.ConfigDict):
-  d = config.data
-  images = jnp.zeros((1, d.image_size, d.image_size, 3), jnp.float32)
-  captions = jnp.zeros((1, d.captions_per_image, d.max_len), jnp.int32)
-  return images, captions
-
-
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                       tx: optax.GradientTransformation | None,
-                       rng: jax.Array, encoder_weights=None) -> TrainState:
-  """A fresh state: random init, then pretrained encoder weights if given."""
-  variables = model.init(rng, *_example_inputs(config))
-  params, batch_stats = variables['params'], variables['batch_stats']
-  if encoder_weights is not None:
-    params = dict(params, encoder=encoder_weights['params'])
-    batch_stats = dict(batch_stats, encoder=encoder_weights['batch_stats'])
-  tx = tx or optimizer.make(config, params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=batch_stats, opt_state=tx.init(params))
-
-
-def abstract_state(config: ml_collections.ConfigDict, model: nn.Module,
-                   sharding: jax.sharding.Sharding) -> TrainState:
-  """The state's shapes and dtypes, placed by `sharding`; no compute."""
-  abstract = jax.eval_shape(
-      functools.partial(create_train_state, config, model, None),
-      jax.random.key(0))
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      abstract)
 
 
 def _bn_trains(model: nn.Module) -> bool:
@@ -100,47 +63,10 @@ def _frozen_until(config: ml_collections.ConfigDict) -> int:
 # ----------------------------------------------------------------------------
 
 
-def caption_losses(logits, captions, alphas, mask, label_smoothing: float):
-  """Per-device sums of the two loss terms and of what they average over.
-
-  Args:
-    logits: [B, K, T, V] for targets captions[..., 1:] (T = L - 1).
-    captions: int [B, K, L].
-    alphas: [B, K, T, P] attention weights.
-    mask: bool [B]: real images (evaluation pads with fake ones).
-    label_smoothing: cross-entropy label smoothing.
-
-  Returns:
-    Sums of token cross-entropy, correct tokens, tokens, the attention
-    penalty (1 - sum_t alpha_ti)^2 averaged over positions i (Xu et al.
-    2015, eq. 14), and captions.
-  """
-  targets = captions[..., 1:]  # [B, K, T]
-  weights = (targets != PAD) & mask[:, None, None]  # [B, K, T]
-  vocab = logits.shape[-1]
-  if label_smoothing:
-    labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab),
-                                 label_smoothing)
-    ce = optax.softmax_cross_entropy(logits, labels)  # [B, K, T]
-  else:
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, -1) == targets) & weights
-  attention = jnp.sum(alphas * weights[..., None], axis=2)  # [B, K, P]
-  penalty = jnp.mean((1.0 - attention) ** 2, axis=-1)  # [B, K]
-  captions_valid = jnp.broadcast_to(mask[:, None], penalty.shape)
-  return {
-      'ce': jnp.sum(ce * weights),
-      'correct': jnp.sum(correct),
-      'tokens': jnp.sum(weights),
-      'penalty': jnp.sum(penalty * captions_valid),
-      'captions': jnp.sum(captions_valid),
-  }
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                *, model: nn.Module, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One optimizer step on this device's share of the global batch.
 
   The loss is normalised by the global token and caption counts, so the
@@ -160,7 +86,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
     (logits, alphas), updates = model.apply(
         variables, batch['image'], batch['captions'], train=True,
         rngs={'dropout': rng}, mutable=['batch_stats'] if bn_trains else [])
-    sums = caption_losses(logits, batch['captions'], alphas, batch['mask'],
+    sums = losses.caption_losses(logits, batch['captions'], alphas, batch['mask'],
                           t.label_smoothing)
     totals = jax.lax.psum({k: sums[k] for k in ('tokens', 'captions')},
                           parallel.AXIS)
@@ -180,7 +106,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   ce = sums['ce'] / sums['tokens']
   penalty = sums['penalty'] / sums['captions']
   loss = ce + t.attention_penalty * penalty
-  state, grad_norm, finite = apply_gradients(state, grads, loss, tx,
+  state, grad_norm, finite = state_lib.apply_gradients(state, grads, loss, tx,
                                              batch_stats)
   metrics = {
       'loss': loss, 'cross_entropy': ce, 'attention_penalty': penalty,
@@ -190,33 +116,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
   return state, metrics
 
 
-def apply_gradients(state: TrainState, grads: Any, loss: jax.Array,
-                    tx: optax.GradientTransformation, batch_stats: Any = None
-                    ) -> tuple[TrainState, jax.Array, jax.Array]:
-  """The optimizer update, applied only if `loss` and `grads` are finite.
-
-  Returns the new state (its step counts either way), the gradient norm and
-  whether the update was applied.
-  """
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new = TrainState(
-      step=state.step + 1, params=optax.apply_updates(state.params, updates),
-      batch_stats=state.batch_stats if batch_stats is None else batch_stats,
-      opt_state=opt_state)
-  state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
-                       state.replace(step=state.step + 1))
-  return state, grad_norm, finite
-
-
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+def eval_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
               model: nn.Module, config: ml_collections.ConfigDict
               ) -> dict[str, jax.Array]:
   """Summed validation losses of this batch (padding rows masked)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logits, alphas = model.apply(variables, batch['image'], batch['captions'])
-  sums = caption_losses(logits, batch['captions'], alphas, batch['mask'],
+  sums = losses.caption_losses(logits, batch['captions'], alphas, batch['mask'],
                         config.train.label_smoothing)
   return jax.lax.psum(sums, parallel.AXIS)
 
@@ -226,32 +132,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
 # ----------------------------------------------------------------------------
 
 
-class _Preemption:
-  """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signal.Signals(signum).name
-
-  def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 OBJECTIVES = ('cross_entropy', 'scst')
-
-
-def _state_of(params, batch_stats, *, tx) -> TrainState:
-  """A fresh state (step 0, new optimizer) around given weights."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=batch_stats, opt_state=tx.init(params))
 
 
 def _copy_vocab(source_workdir: str, workdir: str) -> None:
@@ -272,7 +153,7 @@ def _learning_rate(config, step: int) -> float:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> TrainState:
+                       workdir: str) -> state_lib.TrainState:
   """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
   Process 0 holds the workdir's lock meanwhile: a second trainer on the
@@ -287,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict,
-                        workdir: str) -> TrainState:
+                        workdir: str) -> state_lib.TrainState:
   # The loop's own dependencies (TFDS, grain, clu) load here, so that the
   # steps above import on machines that have only jax, flax and optax.
   # pylint: disable=g-import-not-at-top
@@ -325,7 +206,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
                                  config.data.normalization)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  abstract = abstract_state(config, model, par.replicated)
+  abstract = state_lib.abstract(config, model, par.replicated)
   tx = optimizer.make(config, abstract.params)
   meta = checkpoint_lib.meta(config, data.vocab)
 
@@ -339,7 +220,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
     start = 0
     params, batch_stats, _ = checkpoint_lib.load_weights(
         config.init_from, config, abstract, meta)
-    state = jax.jit(functools.partial(_state_of, tx=tx),
+    state = jax.jit(functools.partial(state_lib.fresh, tx=tx),
                     out_shardings=par.replicated)(params, batch_stats)
   elif self_critical:
     raise UserError('self-critical training starts from a cross-entropy '
@@ -352,7 +233,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
                           'batch_stats': abstract.batch_stats['encoder']}
       encoder_weights = pretrained.load_encoder_weights(
           config.model.encoder, encoder_abstract)
-    state = jax.jit(functools.partial(create_train_state, config, model, tx),
+    state = jax.jit(functools.partial(state_lib.create, config, model, tx),
                     out_shardings=par.replicated)(init_rng, encoder_weights)
   if start >= t.num_steps:
     logging.info('Already trained to step %d of %d.', start, t.num_steps)
@@ -406,7 +287,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   state = par.put_state(state)
 
   # ----------------------------------------------------------------- loop
-  preemption = _Preemption()
+  preemption = preemption_lib.Preemption()
   pending = []  # Device metrics of the steps since the last fetch.
   since = time.perf_counter()
   step = start
@@ -421,7 +302,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         for hook in hooks:
           hook(step)
         last = step == t.num_steps
-        stop = preemption.signal is not None
+        stop = preemption.stop(step)
         save = last or stop or step % t.checkpoint_every_steps == 0
         validate = config.eval.num_batches != 0 and (
             last or step % config.eval.every_steps == 0)

@@ -32,7 +32,7 @@ def model_config(**encoder):
   return config
 
 
-def make_model(**encoder) -> models.Captioner:
+def make_model(**encoder) -> models.CaptionModel:
   return models.build_captioner(model_config(**encoder), VOCAB)
 
 

@@ -21,7 +21,7 @@ for name in %r:
 import functools
 import jax, jax.numpy as jnp, numpy as np
 from capjax import benchmark, decode, models, optimizer, parallel  # noqa
-from capjax import pretrained, scst, train  # noqa: F401
+from capjax import pretrained, scst, state as state_lib, train  # noqa: F401
 from configs import test
 
 config = test.get_config()
@@ -32,7 +32,7 @@ shapes = jax.eval_shape(model.init, jax.random.key(0),
 print(sorted(shapes))
 
 # One train step of configs/test.py's model on random inputs.
-state = jax.jit(functools.partial(train.create_train_state, config, model,
+state = jax.jit(functools.partial(state_lib.create, config, model,
                                   None))(jax.random.key(0))
 tx = optimizer.make(config, state.params)
 par = parallel.Parallel(config)

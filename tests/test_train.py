@@ -19,6 +19,8 @@ import pytest
 from capjax import models
 from capjax import optimizer
 from capjax import parallel
+from capjax import losses
+from capjax import state as state_lib
 from capjax import train
 from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
@@ -60,7 +62,7 @@ def _batch(config, seed=0):
 
 def _init(config):
   model = models.build_captioner(config.model, VOCAB_SIZE)
-  state = jax.jit(functools.partial(train.create_train_state, config, model,
+  state = jax.jit(functools.partial(state_lib.create, config, model,
                                     None))(jax.random.key(0))
   tx = optimizer.make(config, state.params)
   return model, tx, state
@@ -71,13 +73,13 @@ def test_caption_losses():
   captions = jnp.array([[[1, 4, 2, 0]], [[1, 4, 4, 2]]])
   alphas = jnp.full((2, 1, 3, 2), 0.5)  # Two positions, half each.
   mask = jnp.array([True, False])  # The second image is padding.
-  sums = train.caption_losses(logits, captions, alphas, mask, 0.0)
+  sums = losses.caption_losses(logits, captions, alphas, mask, 0.0)
   assert int(sums['tokens']) == 2 and int(sums['captions']) == 1
   np.testing.assert_allclose(sums['ce'], 2 * np.log(5), rtol=1e-6)
   # Two valid steps of 0.5 per position: sum_t alpha = 1, no penalty.
   np.testing.assert_allclose(sums['penalty'], 0.0, atol=1e-7)
   alphas = alphas.at[0, 0, :, 0].set(1.0).at[0, 0, :, 1].set(0.0)
-  sums = train.caption_losses(logits, captions, alphas, mask, 0.0)
+  sums = losses.caption_losses(logits, captions, alphas, mask, 0.0)
   np.testing.assert_allclose(sums['penalty'], ((1 - 2) ** 2 + 1) / 2)
 
 

@@ -12,14 +12,14 @@ import ml_collections
 from capjax.errors import UserError
 from capjax.models import captioner as captioner_lib
 from capjax.models import resnet
-from capjax.models.captioner import Captioner
+from capjax.models.captioner import CaptionModel
 from capjax.models.decoder import AttentionLSTMCell
 from capjax.models.decoder import Cache
 from capjax.models.decoder import Carry
 from capjax.models.decoder import Decoder
 
 __all__ = [
-    'AttentionLSTMCell', 'Cache', 'Captioner', 'Carry', 'Decoder',
+    'AttentionLSTMCell', 'Cache', 'CaptionModel', 'Carry', 'Decoder',
     'build_captioner', 'compute_dtype',
 ]
 
@@ -36,8 +36,8 @@ def compute_dtype(name: str) -> Any:
 
 
 def build_captioner(model_config: ml_collections.ConfigDict, vocab_size: int,
-                    normalization: str = 'imagenet') -> Captioner:
-  """The `Captioner` that config.model describes, for `vocab_size` words.
+                    normalization: str = 'imagenet') -> CaptionModel:
+  """The `CaptionModel` that config.model describes, for `vocab_size` words.
 
   `normalization` is config.data.normalization: how the encoder's pretrained
   weights expect pixels ('imagenet' or 'caffe').
@@ -49,7 +49,7 @@ def build_captioner(model_config: ml_collections.ConfigDict, vocab_size: int,
                     f'choose one of {", ".join(captioner_lib.NORMALIZATIONS)}')
   # Fail here, before any tracing, on an unknown arch.
   resnet.feature_dim(encoder.arch)
-  return Captioner(
+  return CaptionModel(
       vocab_size=vocab_size,
       arch=encoder.arch,
       variant=encoder.variant,

@@ -56,7 +56,7 @@ def normalize(images: Array, method: str) -> Array:
   raise ValueError(f'unknown normalization {method!r}')
 
 
-class Captioner(nn.Module):
+class CaptionModel(nn.Module):
   """ResNet encoder + soft-attention LSTM decoder.
 
   Attributes:
