@@ -11,12 +11,16 @@ The latest `train.keep_checkpoints` steps are kept, plus the one with the
 best validation metric.
 """
 
+import contextlib
+import errno
 import hashlib
+import logging as python_logging
 import os
-from typing import Any
+import shutil
+import sys
+from typing import Any, TYPE_CHECKING
 
 from absl import logging
-import grain
 import jax
 from jax.experimental import multihost_utils as multihost
 import ml_collections
@@ -26,6 +30,12 @@ from orbax.checkpoint import checkpoint_managers as managers
 from capjax import config as config_lib
 from capjax.data.vocab import Vocab
 from capjax.errors import UserError
+
+# grain is imported where a data iterator is saved or restored: loading a
+# trained state to caption images (`restore_state`) needs neither grain nor
+# the TFDS it brings along.
+if TYPE_CHECKING:
+  import grain  # pylint: disable=g-import-not-at-top
 
 # The validation metric that picks the best checkpoint, and whether higher
 # is better: CIDEr-D of the captions decoded in validation.
@@ -90,6 +100,28 @@ def _differences(saved: Any, current: Any, prefix: str = '') -> list[str]:
   return [] if saved == current else [f'{prefix}: {saved!r} -> {current!r}']
 
 
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  return manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore()))['meta']
+
+
+def _check_same_model(saved: dict[str, Any], meta_data: dict[str, Any],
+                      holder: str, fix: str,
+                      ignore: tuple[str, ...] = ()) -> None:
+  """A one-line error if a checkpoint's metadata is another model's.
+
+  Only the fields of `meta_data` are compared (the saved process count and
+  resume fields are checked where they matter); differences starting with
+  one of `ignore` are allowed.
+  """
+  differences = [d for d in _differences(
+      {key: saved.get(key) for key in meta_data}, meta_data)
+                 if not d.startswith(ignore)]
+  if differences:
+    raise UserError(f'{holder} another model or vocabulary '
+                    f'({"; ".join(differences[:5])}); {fix}')
+
+
 class Checkpoints:
   """An orbax CheckpointManager for `DIR/checkpoints`."""
 
@@ -110,6 +142,8 @@ class Checkpoints:
     if not create and not os.path.isdir(directory):
       raise UserError(f'no checkpoint in {directory}: train first '
                       '(--mode=train with the same --workdir)')
+    _quiet_reported_failures()
+    self._state_bytes = 0  # Of the state saved last: what a step needs.
     self.manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
@@ -120,23 +154,30 @@ class Checkpoints:
             best_fn=lambda m: m[metric],
             best_mode='max' if higher_is_better else 'min'))
 
-  def save(self, step: int, state: Any, iterator: grain.DatasetIterator,
+  def save(self, step: int, state: Any, iterator: 'grain.DatasetIterator',
            meta_data: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
-    """Starts writing `step` in the background; see `wait`."""
+    """Starts writing `step` in the background; see `wait`.
+
+    A failure of the previous step's write is raised here.
+    """
+    import grain  # pylint: disable=g-import-not-at-top
     # The data position is one file per process: it only restores on as
     # many processes.
     meta_data = dict(meta_data, processes=jax.process_count(),
                      resume=self._resume)
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(iterator),
-            meta=ocp.args.JsonSave(meta_data)),
-        metrics=metrics, force=True)
+    self._state_bytes = sum(getattr(leaf, 'nbytes', 8)
+                            for leaf in jax.tree.leaves(state))
+    with self._reporting_a_full_disk():
+      self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=grain.checkpoint.CheckpointSave(iterator),
+              meta=ocp.args.JsonSave(meta_data)),
+          metrics=metrics, force=True)
 
-  def restore(self, abstract_state: Any, iterator: grain.DatasetIterator,
+  def restore(self, abstract_state: Any, iterator: 'grain.DatasetIterator',
               meta_data: dict[str, Any]) -> tuple[Any, int] | None:
     """(state, step) of the newest readable checkpoint, or None if none.
 
@@ -144,14 +185,14 @@ class Checkpoints:
     cannot be read is skipped with a warning (the previous one is tried);
     one made for another model or vocabulary is an error.
     """
+    import grain  # pylint: disable=g-import-not-at-top
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       return None
     unreadable = []
     for step in steps:
       try:
-        saved = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
+        saved = _read_meta(self.manager, step)
       except Exception as e:  # pylint: disable=broad-except
         if not any(self._has_item(s, 'meta') for s in steps):
           raise UserError(
@@ -168,12 +209,9 @@ class Checkpoints:
       # they did.
       _check_resume_fields(saved.pop('resume', {}), self._resume,
                            self.directory)
-      differences = _differences(saved, meta_data)
-      if differences:
-        raise UserError(
-            f'the checkpoints in {self.directory} belong to another model or '
-            f'vocabulary ({"; ".join(differences[:5])}); use a new --workdir '
-            'or set the config back')
+      _check_same_model(saved, meta_data,
+                        f'the checkpoints in {self.directory} belong to',
+                        'use a new --workdir or set the config back')
       items = {'state': ocp.args.StandardRestore(abstract_state),
                'data': grain.checkpoint.CheckpointRestore(iterator)}
       if processes != jax.process_count():
@@ -224,17 +262,11 @@ class Checkpoints:
     elif step not in steps:
       raise UserError(f'no checkpoint of step {step} in {self.directory}; '
                       f'it has steps {", ".join(map(str, steps))}')
-    saved = self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-    # Evaluation reads no data position and no optimizer state.
-    saved.pop('processes', None)
-    saved.pop('resume', None)
-    differences = _differences(saved, meta_data)
-    if differences:
-      raise UserError(
-          f'checkpoint {step} in {self.directory} belongs to another model or '
-          f'vocabulary ({"; ".join(differences[:5])}); decode with the config '
-          'it was trained with')
+    # Evaluation reads no data position and no optimizer state: the saved
+    # process count and resume fields do not matter.
+    _check_same_model(_read_meta(self.manager, step), meta_data,
+                      f'checkpoint {step} in {self.directory} belongs to',
+                      'decode with the config it was trained with')
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored['state'], step
@@ -257,11 +289,42 @@ class Checkpoints:
     path = self.manager.directory / str(step) / item
     return path.exists()
 
+  @contextlib.contextmanager
+  def _reporting_a_full_disk(self):
+    """Turns a write that ran out of space into one line.
+
+    orbax raises a background write's error from the next call that waits
+    for it (`save`, `wait` or `close`), as a traceback hundreds of lines
+    long; the user needs the directory, the space and the step to resume.
+    """
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_disk_full(e):
+        raise
+      try:
+        free = _human(shutil.disk_usage(self.directory).free)
+      except OSError:  # A remote file system.
+        free = 'an unknown amount'
+      self.manager.reload()  # The steps on disk, without the failed one.
+      last = max(self.manager.all_steps(), default=None)
+      then = ('No checkpoint is complete yet: free some space, then run '
+              'again' if last is None else
+              f'The last good checkpoint is step {last}: free some space, '
+              'then run again to resume from it')
+      raise UserError(
+          f'no space left for checkpoints in {self.directory}: a checkpoint '
+          f'needs about {_human(self._state_bytes)} and {free} are free. '
+          f'{then}') from None
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Until the step being written is complete; raises if it failed."""
+    with self._reporting_a_full_disk():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
+    with self._reporting_a_full_disk():
+      self.manager.close()
 
 
 def locate(init_from: str) -> tuple[str, str, int | None]:
@@ -300,15 +363,10 @@ def load_weights(init_from: str, config: ml_collections.ConfigDict,
     if step not in steps:
       raise UserError(f'no checkpoint {step or ""} in {directory} '
                       '(--config.init_from)')
-    saved = checkpoints.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
-    differences = [d for d in _differences(
-        {'model': saved['model'], 'vocab': saved['vocab']}, meta_data)
-                   if not d.startswith(_PARAMETER_FREE)]
-    if differences:
-      raise UserError(
-          f'--config.init_from={init_from} holds another model or vocabulary '
-          f'({"; ".join(differences[:5])}); start from a run of this model')
+    _check_same_model(_read_meta(checkpoints.manager, step), meta_data,
+                      f'--config.init_from={init_from} holds',
+                      'start from a run of this model',
+                      ignore=_PARAMETER_FREE)
     target = {'params': abstract_state.params,
               'batch_stats': abstract_state.batch_stats}
     restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
@@ -325,3 +383,76 @@ def load_weights(init_from: str, config: ml_collections.ConfigDict,
 def _first_line(error: Exception) -> str:
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
+
+
+# How a write that ran out of space shows: an OSError from Python's own
+# writes, or tensorstore's RESOURCE_EXHAUSTED, whose text carries the OS's.
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = tuple(os.strerror(e) for e in _DISK_FULL_ERRNOS)
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      return True
+    if any(text in str(error) for text in _DISK_FULL_TEXTS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _human(size: float) -> str:
+  """1536 -> '1.5 KiB'."""
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+    if size < 1024 or unit == 'TiB':
+      break
+    size /= 1024
+  return f'{size:.0f} B' if unit == 'B' else f'{size:.1f} {unit}'
+
+
+def _not_a_reported_full_disk(record: python_logging.LogRecord) -> bool:
+  """A logging filter for what `Checkpoints` reports as one line itself.
+
+  A write that runs out of space fails in each of its concurrent writes:
+  orbax logs the error (with its traceback) from each thread it passes
+  through, and asyncio each write's error that nobody awaited, when its task
+  is collected.
+  """
+  return not (record.exc_info and _is_disk_full(record.exc_info[1]))
+
+
+def _late_tensorstore_callback(unraisable) -> bool:
+  """Whether `unraisable` is a read finishing after orbax's event loop shut.
+
+  orbax runs each restore on an event loop of its own, closed as soon as
+  one read fails (a step missing its manifest.ocdbt); tensorstore's
+  callbacks for the other reads then find it closed, and Python prints
+  each as a traceback, though nothing waits for their results any more.
+  """
+  if (unraisable.exc_type is not RuntimeError or
+      str(unraisable.exc_value) != 'Event loop is closed'):
+    return False
+  frames = unraisable.exc_traceback
+  while frames is not None:
+    if frames.tb_frame.f_code.co_name == 'call_soon_threadsafe':
+      return True
+    frames = frames.tb_next
+  return False
+
+
+def _quiet_reported_failures() -> None:
+  """Keeps off stderr what orbax and tensorstore print about failures that
+  `Checkpoints` reports (or recovers from) itself, and nothing else."""
+  for name in ('absl', 'asyncio'):  # orbax's logger, and asyncio's.
+    python_logging.getLogger(name).addFilter(_not_a_reported_full_disk)
+  previous = sys.unraisablehook
+  if getattr(previous, 'capjax_quiet', False):
+    return
+
+  def hook(unraisable):
+    if not _late_tensorstore_callback(unraisable):
+      previous(unraisable)
+  hook.capjax_quiet = True
+  sys.unraisablehook = hook

@@ -10,6 +10,34 @@ import ml_collections
 from capjax.errors import UserError
 
 
+EVALUATOR_TYPES = ('validation', 'decode_split')
+
+
+def validation(split: str = 'validation') -> ml_collections.ConfigDict:
+  """A `validation` evaluator: loss, and captions of the same images
+  decoded with beam_size and scored with BLEU, ROUGE-L and CIDEr-D; the
+  one named `val` picks the best checkpoint by its CIDEr-D."""
+  v = ml_collections.ConfigDict()
+  v.type = 'validation'
+  v.split = split  # A TFDS split spec.
+  v.every_steps = 1_000
+  v.num_batches = -1  # Batches of batch_size per evaluation; -1: all.
+  v.beam_size = 1  # 1: greedy, the cheapest; see decode.* for the final test.
+  v.num_samples = 4  # Captions shown in the logs.
+  return v
+
+
+def decode_split(split: str, every_steps: int = 0
+                 ) -> ml_collections.ConfigDict:
+  """A `decode_split` evaluator: every image of `split` decoded with the
+  config.decode settings, results and metrics in WORKDIR/decode/."""
+  e = ml_collections.ConfigDict()
+  e.type = 'decode_split'
+  e.split = split  # A TFDS split spec.
+  e.every_steps = every_steps  # 0: once, after training.
+  return e
+
+
 def defaults() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds shuffling, caption sampling, initialisation, dropout.
@@ -43,7 +71,6 @@ def defaults() -> ml_collections.ConfigDict:
   d.annotations = ''
   d.images = ''
   d.train_split = 'train'  # TFDS split spec: 'train+restval', 'train[:10%]'.
-  d.eval_split = 'validation'
   d.image_size = 96  # Pixels; images are resized to image_size^2, not cropped.
   # Read a copy of the dataset already resized to image_size (JPEG, made once
   # in the TFDS data dir beside the dataset: by --mode=prepare, or on first
@@ -63,8 +90,9 @@ def defaults() -> ml_collections.ConfigDict:
   # Compute dtype ('bfloat16' on GPU/TPU); parameters are always float32.
   m.dtype = 'float32'
   m.encoder = e = ml_collections.ConfigDict()
-  # 'resnet_tiny' (tests, shapes), 'resnet18', 'resnet34', 'resnet50',
-  # 'resnet101' or 'resnet152'.
+  # 'resnet18', 'resnet34', 'resnet50', 'resnet101' or 'resnet152'; or the
+  # small ones trained from scratch: 'resnet_small' (configs/shapes.py) and
+  # 'resnet_tiny' (configs/test.py, tests).
   e.arch = 'resnet50'
   # 'v1.5': stride on the 3x3 conv, no conv bias (torchvision, timm).
   # 'v1': stride on the first 1x1 conv, convs with bias (Keras applications).
@@ -84,11 +112,11 @@ def defaults() -> ml_collections.ConfigDict:
   # best ImageNet-1k weights of the arch, capjax.pretrained.TIMM_TAGS), kept
   # in its cache; --mode=prepare fetches them ahead of training.
   e.pretrained = ''
-  m.decoder = dc = ml_collections.ConfigDict()
-  dc.embed_dim = 512  # Word embedding size.
-  dc.hidden_dim = 512  # LSTM state size.
-  dc.attention_dim = 512  # Size of the additive attention's hidden layer.
-  dc.dropout = 0.5  # On the deep output layer's input (Xu et al. 2015).
+  m.decoder = md = ml_collections.ConfigDict()
+  md.embed_dim = 512  # Word embedding size.
+  md.hidden_dim = 512  # LSTM state size.
+  md.attention_dim = 512  # Size of the additive attention's hidden layer.
+  md.dropout = 0.5  # On the deep output layer's input (Xu et al. 2015).
 
   config.train = t = ml_collections.ConfigDict()
   # 'cross_entropy' (teacher forcing on the reference captions) or 'scst'
@@ -152,35 +180,39 @@ def defaults() -> ml_collections.ConfigDict:
   # their first ones; COCO has 5 to 7). Document frequencies count them all.
   s.max_references = 5
 
-  config.eval = ev = ml_collections.ConfigDict()
-  # Validation during training: loss, captions of the same images decoded with
-  # ev.beam_size, their BLEU/ROUGE-L/CIDEr-D, and the best checkpoint by CIDEr.
-  ev.every_steps = 1_000
-  ev.num_batches = -1  # Validation batches per evaluation; -1: the whole split.
-  ev.beam_size = 1  # 1: greedy, the cheapest; see decode.* for the final test.
-  ev.num_samples = 4  # Validation captions shown in the logs.
+  # Evaluators (capjax/evaluators/), by name, each with its `type`: each
+  # runs every `every_steps` training steps and at the last step; 0 runs it
+  # once, after training, with the final state; -1 never. Metrics are logged
+  # as eval/<name>_<metric> (validation) and <split>/<metric> (decode_split).
+  # A config file may add entries (`config.evals.NAME = decode_split(...)`);
+  # the command line can change the fields of those there, e.g.
+  # --config.evals.test.every_steps=0 --config.evals.test.split=test_novel.
+  config.evals = ml_collections.ConfigDict()
+  # Validation; the evaluator named `val` picks the best checkpoint.
+  config.evals.val = validation('validation')
+  # The final test: the whole split decoded with the decode.* settings,
+  # results and metrics files in WORKDIR/decode/. Off here (not every
+  # dataset has a test split); the COCO and shapes configs turn it on.
+  config.evals.test = decode_split('test', every_steps=-1)
 
-  # The decode job (--mode=decode, --mode=evaluate_continuously, and
-  # decode.after_training): beam search over a whole split, COCO-format
-  # results and metrics in WORKDIR/decode/.
-  config.decode = dc = ml_collections.ConfigDict()
-  dc.split = 'test'  # The split --mode=decode decodes (a TFDS split spec).
-  dc.checkpoint_step = -1  # The checkpoint it decodes; -1: the latest.
-  # Splits decoded with the final state at the end of --mode=train, comma
-  # separated ('' for none), e.g. 'test,test_novel' for shapes.
-  dc.after_training = ''
-  dc.batch_size = 0  # Global batch in images; 0: batch_size.
-  dc.beam_size = 3  # Beams per image; 1 is greedy decoding.
-  dc.alpha = 0.0  # GNMT length penalty exponent (0: plain log-probability).
-  dc.ban_unk = True  # Never generate <unk>.
-  dc.ban_repeated_trigrams = False  # Never repeat a word trigram.
+  # Decoding whole splits (--mode=decode, --mode=evaluate_continuously and
+  # the decode_split evaluators): beam search, COCO-format results and
+  # metrics in WORKDIR/decode/.
+  config.decode = de = ml_collections.ConfigDict()
+  de.split = 'test'  # The split --mode=decode decodes (a TFDS split spec).
+  de.checkpoint_step = -1  # The checkpoint it decodes; -1: the latest.
+  de.batch_size = 0  # Global batch in images; 0: batch_size.
+  de.beam_size = 3  # Beams per image; 1 is greedy decoding.
+  de.alpha = 0.0  # GNMT length penalty exponent (0: plain log-probability).
+  de.ban_unk = True  # Never generate <unk>.
+  de.ban_repeated_trigrams = False  # Never repeat a word trigram.
   # METEOR: 'auto' (the official Java METEOR 1.5 when Java is installed, else
   # nltk's, reported as METEOR_nltk), 'java', 'nltk' or 'none'.
-  dc.meteor = 'auto'
+  de.meteor = 'auto'
   # --mode=evaluate_continuously: look for new checkpoints this often, and
   # stop after this long without one (or once the last step is decoded).
-  dc.poll_seconds = 60
-  dc.timeout_seconds = 3_600
+  de.poll_seconds = 60
+  de.timeout_seconds = 3_600
   return config
 
 
@@ -191,13 +223,13 @@ _POSITIVE = (
     'data.read_threads', 'data.prefetch_buffer_size', 'train.num_steps',
     'train.grad_accum_steps', 'train.log_every_steps',
     'train.checkpoint_every_steps', 'train.keep_checkpoints',
-    'eval.every_steps', 'eval.beam_size', 'decode.beam_size',
+    'decode.beam_size',
     'scst.num_samples', 'scst.max_references', 'model.decoder.embed_dim',
     'model.decoder.hidden_dim', 'model.decoder.attention_dim',
 )
 _NOT_NEGATIVE = (
     'data.workers', 'data.min_count', 'model.encoder.grid',
-    'train.warmup_steps', 'train.encoder_from_step', 'eval.num_samples',
+    'train.warmup_steps', 'train.encoder_from_step',
     'decode.batch_size', 'decode.poll_seconds', 'decode.timeout_seconds',
 )
 
@@ -209,6 +241,11 @@ def field(config: ml_collections.ConfigDict, name: str):
   return config
 
 
+def _check_int(name: str, v, least: int) -> None:
+  if not isinstance(v, int) or isinstance(v, bool) or v < least:
+    raise UserError(f'--config.{name}={v!r} must be an integer >= {least}')
+
+
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line UserError for the first field with a value no job
   can use. (Names of datasets, archs, schedules and the like are checked
@@ -217,16 +254,33 @@ def check(config: ml_collections.ConfigDict) -> None:
   from capjax.metrics import METEOR_MODES  # pylint: disable=g-import-not-at-top
 
   for name in _POSITIVE + _NOT_NEGATIVE:
-    v = field(config, name)
-    least = 1 if name in _POSITIVE else 0
-    if not isinstance(v, int) or isinstance(v, bool) or v < least:
-      raise UserError(f'--config.{name}={v!r} must be an integer >= {least}')
+    _check_int(name, field(config, name), 1 if name in _POSITIVE else 0)
   if config.data.max_len < 3:
     raise UserError(f'--config.data.max_len={config.data.max_len} must be >= 3'
                     ' (<bos>, a word, <eos>)')
   if not 0 <= config.model.decoder.dropout < 1:
     raise UserError(f'--config.model.decoder.dropout='
                     f'{config.model.decoder.dropout} must be in [0, 1)')
+  for name, entry in config.evals.items():
+    _check_evaluator(f'evals.{name}', entry)
   if config.decode.meteor not in METEOR_MODES:
     raise UserError(f'unknown --config.decode.meteor={config.decode.meteor!r}'
                     f'; choose one of {", ".join(METEOR_MODES)}')
+
+
+def _check_evaluator(prefix: str, entry: ml_collections.ConfigDict) -> None:
+  kind = entry.get('type')
+  if kind not in EVALUATOR_TYPES:
+    raise UserError(f'--config.{prefix}.type={kind!r} is not an evaluator; '
+                    f'choose one of {", ".join(EVALUATOR_TYPES)}')
+  least = {'every_steps': -1, 'num_batches': -1, 'beam_size': 1,
+           'num_samples': 0}
+  for key, low in least.items():
+    if key in entry:
+      _check_int(f'{prefix}.{key}', entry[key], low)
+  if entry.get('num_batches') == 0:
+    raise UserError(f'--config.{prefix}.num_batches=0 would validate nothing: '
+                    'give -1 (all) or a count, or turn it off with '
+                    f'--config.{prefix}.every_steps=-1')
+  if not entry.get('split'):
+    raise UserError(f'--config.{prefix}.split is empty: name a split')

@@ -6,7 +6,9 @@ per token. It steps the model's own single-step function (`decode_step`), the
 one teacher forcing scans, so what is decoded is what was trained. The LSTM
 carry is the only per-beam cache (gathered by beam index at every step); the
 image features and their attention keys are per image and shared by its
-beams, so they are never copied or gathered.
+beams, so they are never copied or gathered. `beam_search_features` starts
+from images already encoded, for callers that also use the features for
+something else.
 
 `sample` draws captions (or takes the arg-max: greedy decoding) in a
 fixed-length `lax.scan`, with the log-probabilities self-critical training
@@ -74,7 +76,7 @@ def sample(model: nn.Module, variables, cache, rng: jax.Array | None, *,
 
   Args:
     model, variables: the captioner and its variables.
-    cache: `model.apply(variables, images, method='decode_prepare')`.
+    cache: `model.apply(variables, images, method=model.decode_prepare)`.
     rng: draws from softmax(logits / temperature); None takes the arg-max
       (greedy decoding).
     num_samples: k, captions per image.
@@ -87,14 +89,14 @@ def sample(model: nn.Module, variables, cache, rng: jax.Array | None, *,
     The captions; `logprobs` are differentiable in `variables`.
   """
   carry = model.apply(variables, cache, num_samples,
-                      method='decode_initial_carry')
+                      method=model.decode_initial_carry)
   batch = jax.tree.leaves(cache)[0].shape[0]
   banned = [PAD, BOS] + ([UNK] if ban_unk else [])
 
   def body(state, t):
     carry, tokens, done = state  # tokens, done: [B, k]
     carry, logits, alpha = model.apply(variables, carry, tokens, cache,
-                                       method='decode_step')
+                                       method=model.decode_step)
     logits = logits / temperature  # [B, k, V]
     logits = logits.at[..., jnp.array(banned)].set(NEG_INF)
     logits = logits.at[..., EOS].set(
@@ -318,15 +320,35 @@ def beam_search(model: nn.Module, variables, images: jax.Array, *,
   The encoder runs once per image; its features and attention keys serve
   all of the image's beams.
   """
-  cache = model.apply(variables, images, method='decode_prepare')
+  features = model.apply(variables, images, method=model.encode)  # [B, P, C]
+  return beam_search_features(
+      model, variables, features, beam_size=beam_size, max_len=max_len,
+      alpha=alpha, num_return=num_return, ban_unk=ban_unk,
+      ban_repeated_trigrams=ban_repeated_trigrams, mask=mask)
+
+
+def beam_search_features(model: nn.Module, variables, features: jax.Array,
+                         *, beam_size: int, max_len: int, alpha: float = 0.0,
+                         num_return: int = 1, ban_unk: bool = False,
+                         ban_repeated_trigrams: bool = False,
+                         mask: jax.Array | None = None) -> Captions:
+  """`beam_search` from encoded images: features [B, P, C].
+
+  For callers that use the features for more than the search (validation
+  also computes teacher-forcing losses from them), so that the encoder runs
+  once: `features = model.apply(variables, images, method=model.encode)`.
+  """
+  cache = model.apply(variables, features, method=model.prepare)
   carry = model.apply(variables, cache, beam_size,
-                      method='decode_initial_carry')
+                      method=model.decode_initial_carry)
   step = functools.partial(_model_step, model, variables, cache)
-  return search(step, carry, batch_size=images.shape[0], beam_size=beam_size,
-                max_len=max_len, num_positions=cache['keys'].shape[1],
-                alpha=alpha, num_return=num_return, ban_unk=ban_unk,
+  return search(step, carry, batch_size=features.shape[0],
+                beam_size=beam_size, max_len=max_len,
+                num_positions=features.shape[1], alpha=alpha,
+                num_return=num_return, ban_unk=ban_unk,
                 ban_repeated_trigrams=ban_repeated_trigrams, mask=mask)
 
 
 def _model_step(model, variables, cache, carry, tokens):
-  return model.apply(variables, carry, tokens, cache, method='decode_step')
+  return model.apply(variables, carry, tokens, cache,
+                     method=model.decode_step)

@@ -15,6 +15,10 @@ from ml_collections import config_flags
 
 from capjax import config as config_lib
 from capjax import distributed
+from capjax import evaluate
+from capjax import pretrained
+from capjax import train
+from capjax.data import prepare
 from capjax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -40,23 +44,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def run(config, workdir: str, mode: str) -> None:
   if mode == 'prepare':
-    # pylint: disable=g-import-not-at-top
-    from capjax import pretrained
-    from capjax.data import prepare
-    # pylint: enable=g-import-not-at-top
     prepare.prepare(config, workdir, force=True)
     # The encoder's weights too, so that training needs no internet.
     weights = pretrained.fetch_encoder_weights(config)
     if weights:
       logging.info('Encoder weights %s: ready.', weights)
   elif mode == 'train':
-    from capjax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
   elif mode == 'decode':
-    from capjax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.decode_checkpoint(config, workdir)
   elif mode == 'evaluate_continuously':
-    from capjax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.evaluate_continuously(config, workdir)
 
 

@@ -1,4 +1,4 @@
-"""The HTML report of `capjax.caption`: one self-contained page.
+"""The HTML report of captioned images (`capjax.caption --html`): one page.
 
 Every image is embedded (a JPEG data URI), with its caption, score and the
 other beams' captions; with attention, a strip of heatmaps, one per word,
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 
-from capjax.caption import Result
+from capjax.inference import Result
 
 # Size of the heatmap tiles, and how dark what the model ignores becomes.
 TILE = 112

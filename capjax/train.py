@@ -1,49 +1,39 @@
-"""Training: the train state, the per-device train step, and the loop.
+"""The training loop.
 
 `train_and_evaluate(config, workdir)` trains, evaluates and checkpoints; run
 again on the same workdir, it continues from the newest checkpoint exactly
 where it stopped (model, optimizer, data position, RNG), also after SIGTERM.
+The step is the objective's (`capjax.objectives`), what is measured the
+evaluators' (`capjax.evaluators`); this module only runs them.
 """
 
 import contextlib
-import dataclasses
 import functools
 import os
-import signal
-import threading
+import shutil
 import time
-from typing import Any
 
 from absl import logging
-import flax
+from clu import metric_writers
+from clu import periodic_actions
 from flax import traverse_util
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
+from capjax import checkpoint as checkpoint_lib
+from capjax import evaluators
 from capjax import models
+from capjax import objectives
 from capjax import optimizer
-from capjax import losses
 from capjax import parallel
 from capjax import preemption as preemption_lib
+from capjax import pretrained
 from capjax import state as state_lib
 from capjax import workdir as workdir_lib
-from capjax.data.vocab import PAD
+from capjax.data import pipeline
+from capjax.data import prepare
 from capjax.errors import UserError
-
-
-# ----------------------------------------------------------------------------
-# The model and its state.
-# ----------------------------------------------------------------------------
-
-
-def _bn_trains(model: nn.Module) -> bool:
-  # From the model rather than the config: the frozen phase of a fine-tuned
-  # encoder runs a frozen copy of the model.
-  return not (model.frozen or model.freeze_bn)
 
 
 def _frozen_until(config: ml_collections.ConfigDict) -> int:
@@ -58,92 +48,13 @@ def _frozen_until(config: ml_collections.ConfigDict) -> int:
   return t.encoder_from_step * max(t.grad_accum_steps, 1)
 
 
-# ----------------------------------------------------------------------------
-# Loss and steps, written for one device's share of the batch.
-# ----------------------------------------------------------------------------
-
-
-def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               *, model: nn.Module, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict
-               ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-  """One optimizer step on this device's share of the global batch.
-
-  The loss is normalised by the global token and caption counts, so the
-  gradient averaged over devices is exactly that of one device holding the
-  whole batch. A step whose loss or gradient is not finite leaves the state
-  unchanged and is flagged in the metrics, so no checkpoint ever holds one.
-  """
-  t = config.train
-  # A pure function of (seed, step, device): resumes exactly.
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
-                           jax.lax.axis_index(parallel.AXIS))
-  num_devices = jax.lax.psum(1, parallel.AXIS)
-  bn_trains = _bn_trains(model)
-
-  def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
-    (logits, alphas), updates = model.apply(
-        variables, batch['image'], batch['captions'], train=True,
-        rngs={'dropout': rng}, mutable=['batch_stats'] if bn_trains else [])
-    sums = losses.caption_losses(logits, batch['captions'], alphas, batch['mask'],
-                          t.label_smoothing)
-    totals = jax.lax.psum({k: sums[k] for k in ('tokens', 'captions')},
-                          parallel.AXIS)
-    ce = sums['ce'] / totals['tokens']
-    penalty = sums['penalty'] / totals['captions']
-    # pmean of the gradients of (n * local share) = gradient of the total.
-    loss = num_devices * (ce + t.attention_penalty * penalty)
-    return loss, (sums, updates)
-
-  grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
-  sums = jax.lax.psum(sums, parallel.AXIS)
-  batch_stats = state.batch_stats
-  if bn_trains:
-    # Each device normalised its own share; keep one average of the stats.
-    batch_stats = jax.lax.pmean(updates['batch_stats'], parallel.AXIS)
-  ce = sums['ce'] / sums['tokens']
-  penalty = sums['penalty'] / sums['captions']
-  loss = ce + t.attention_penalty * penalty
-  state, grad_norm, finite = state_lib.apply_gradients(state, grads, loss, tx,
-                                             batch_stats)
-  metrics = {
-      'loss': loss, 'cross_entropy': ce, 'attention_penalty': penalty,
-      'token_accuracy': sums['correct'] / sums['tokens'],
-      'grad_norm': grad_norm, 'nonfinite': ~finite,
-  }
-  return state, metrics
-
-
-def eval_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
-              model: nn.Module, config: ml_collections.ConfigDict
-              ) -> dict[str, jax.Array]:
-  """Summed validation losses of this batch (padding rows masked)."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits, alphas = model.apply(variables, batch['image'], batch['captions'])
-  sums = losses.caption_losses(logits, batch['captions'], alphas, batch['mask'],
-                        config.train.label_smoothing)
-  return jax.lax.psum(sums, parallel.AXIS)
-
-
-# ----------------------------------------------------------------------------
-# The loop.
-# ----------------------------------------------------------------------------
-
-
-OBJECTIVES = ('cross_entropy', 'scst')
-
-
 def _copy_vocab(source_workdir: str, workdir: str) -> None:
   """A run started from another one's weights needs its token ids."""
-  # pylint: disable-next=g-import-not-at-top
-  from capjax.data import vocab as vocab_lib
-  source = os.path.join(source_workdir, vocab_lib.FILENAME)
-  target = os.path.join(workdir, vocab_lib.FILENAME)
+  source = workdir_lib.vocab_path(source_workdir)
+  target = workdir_lib.vocab_path(workdir)
   if os.path.exists(source) and not os.path.exists(target):
     os.makedirs(workdir, exist_ok=True)
-    vocab_lib.Vocab.load(source).save(target)
+    shutil.copyfile(source, target)
 
 
 def _learning_rate(config, step: int) -> float:
@@ -159,7 +70,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Process 0 holds the workdir's lock meanwhile: a second trainer on the
   same workdir stops at once with a line naming this one.
   """
-  from capjax.data import prepare  # pylint: disable=g-import-not-at-top
   prepare.check_workdir(workdir)
   held = (workdir_lib.lock(workdir) if jax.process_index() == 0 else
           contextlib.nullcontext())
@@ -169,50 +79,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 def _train_and_evaluate(config: ml_collections.ConfigDict,
                         workdir: str) -> state_lib.TrainState:
-  # The loop's own dependencies (TFDS, grain, clu) load here, so that the
-  # steps above import on machines that have only jax, flax and optax.
-  # pylint: disable=g-import-not-at-top
-  from clu import metric_writers
-  from clu import periodic_actions
-  from capjax import checkpoint as checkpoint_lib
-  from capjax import pretrained
-  from capjax import evaluate
-  from capjax import scst
-  from capjax.data import datasets
-  from capjax.data import pipeline
-  from capjax.data import prepare
-  # pylint: enable=g-import-not-at-top
-
   t = config.train
   is_chief = jax.process_index() == 0
-  if t.objective not in OBJECTIVES:
-    raise UserError(f'unknown --config.train.objective={t.objective!r}; '
-                    f'choose one of {", ".join(OBJECTIVES)}')
-  self_critical = t.objective == 'scst'
-  if self_critical:
-    scst.check_config(config)
+  objectives.check(config)
   pretrained.check_random_frozen(config)
   if config.init_from and is_chief:
     _copy_vocab(checkpoint_lib.locate(config.init_from)[0], workdir)
+
   # ---------------------------------------------------------------- input
   data = prepare.prepare(config, workdir)
   par = parallel.Parallel(config)
-  train_source = data.source(config.data.train_split)
-  eval_source = data.source(config.data.eval_split)
-  train_iter = iter(pipeline.train_dataset(config, train_source, data.vocab))
+  objective = objectives.make(config, data)
+  train_iter = iter(pipeline.train_dataset(
+      config, data.source(config.data.train_split), data.vocab,
+      references=objective.references))
 
   # ---------------------------------------------------------------- model
   model = models.build_captioner(config.model, len(data.vocab),
                                  config.data.normalization)
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   abstract = state_lib.abstract(config, model, par.replicated)
   tx = optimizer.make(config, abstract.params)
   meta = checkpoint_lib.meta(config, data.vocab)
 
   # ----------------------------------------------------------- checkpoint
-  checkpoints = checkpoint_lib.Checkpoints(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'), config)
+  checkpoints = checkpoint_lib.Checkpoints(workdir_lib.checkpoints_dir(workdir),
+                                           config)
   restored = checkpoints.restore(abstract, train_iter, meta)
   if restored:
     state, start = restored
@@ -222,9 +114,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         config.init_from, config, abstract, meta)
     state = jax.jit(functools.partial(state_lib.fresh, tx=tx),
                     out_shardings=par.replicated)(params, batch_stats)
-  elif self_critical:
-    raise UserError('self-critical training starts from a cross-entropy '
-                    'model: set --config.init_from to its workdir')
+  elif objective.needs_init_from:
+    raise UserError(f'--config.train.objective={t.objective} starts from a '
+                    'cross-entropy model: set --config.init_from to its '
+                    'workdir')
   else:
     start = 0
     encoder_weights = None
@@ -245,9 +138,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
     writer.write_hparams(
         traverse_util.flatten_dict(config.to_dict(), sep='.'))
   if is_chief:
-    # What `capjax.caption` needs to rebuild the model and its inputs.
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+    workdir_lib.write_config(workdir, config)
   hooks = [periodic_actions.ReportProgress(num_train_steps=t.num_steps,
                                            writer=writer)]
   if t.profile and is_chief:
@@ -255,17 +146,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
                                           logdir=workdir))
 
   # --------------------------------------------------------------- update
-  if self_critical:
-    table = scst.document_frequencies(
-        datasets.references(data.builder, config.data.train_split),
-        data.vocab, config)
-    step_args = (par.put_constant(table),)
-    make_step = lambda m: par.step(functools.partial(
-        scst.train_step, model=m, tx=tx, config=config), constant_argnums=(3,))
-  else:
-    step_args = ()
-    make_step = lambda m: par.step(functools.partial(
-        train_step, model=m, tx=tx, config=config))
+  constants = tuple(par.put_constant(c) for c in objective.constants)
+  make_step = lambda m: par.step(
+      functools.partial(objective.step, model=m, tx=tx, config=config),
+      constant_argnums=tuple(range(3, 3 + len(constants))))
   p_train = make_step(model)
   # Until the encoder starts learning (train.encoder_from_step) its update is
   # masked anyway; the frozen model stops the gradient at its features, so
@@ -275,15 +159,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   frozen_until = _frozen_until(config)
   p_frozen = make_step(model.clone(frozen=True)) if frozen_until > start else (
       None)
-  p_eval = par.step(functools.partial(eval_step, model=model, config=config),
-                    donate_state=False)
-  search = evaluate.SearchOptions.of(config.decode)
-  val_decoder = evaluate.BatchDecoder(
-      config, par, model, data,
-      dataclasses.replace(search, beam_size=config.eval.beam_size))
-  val_references = None
-  if config.eval.num_batches:
-    val_references = datasets.references(data.builder, config.data.eval_split)
+  evals = evaluators.build(config, par=par, model=model, data=data,
+                           workdir=workdir)
+  periodic = {n: e for n, e in evals.items() if e.every_steps > 0}
+  at_end = {n: e for n, e in evals.items() if e.every_steps == 0}
   state = par.put_state(state)
 
   # ----------------------------------------------------------------- loop
@@ -297,38 +176,40 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         step += 1
         batch = par.put_batch(next(train_iter))
         p_step = p_frozen if step <= frozen_until else p_train
-        state, metrics = p_step(state, batch, step_rng, *step_args)
+        state, metrics = p_step(state, batch, step_rng, *constants)
         pending.append(metrics)
         for hook in hooks:
           hook(step)
         last = step == t.num_steps
         stop = preemption.stop(step)
         save = last or stop or step % t.checkpoint_every_steps == 0
-        validate = config.eval.num_batches != 0 and (
-            last or step % config.eval.every_steps == 0)
-        if save or validate or step % t.log_every_steps == 0:
+        due = [e for e in periodic.values()
+               if last or step % e.every_steps == 0]
+        if save or due or step % t.log_every_steps == 0:
           now = time.perf_counter()
           _write_train_metrics(writer, config, step, pending, now - since,
                                data.vocab)
           pending, since = [], now
-        eval_metrics = None
-        if validate:
-          eval_metrics = _evaluate(config, p_eval, val_decoder, state,
-                                   eval_source, val_references, writer, step)
+        eval_metrics = {}
+        for evaluator in due:
+          eval_metrics |= evaluator.run(state, step, writer)
         if save:
+          # The best checkpoint is chosen by validation's metric only.
+          best_by = (eval_metrics
+                     if checkpoint_lib.BEST_METRIC[0] in eval_metrics else None)
           checkpoints.save(step, par.get_state(state), train_iter, meta,
-                           eval_metrics)
-        if save or validate:
+                           best_by)
+        if save or due:
           since = time.perf_counter()  # examples/s counts training only.
         if stop:
           logging.warning('%s received: saved step %d, stopping.',
-                          preemption.signal, step)
+                          preemption.signal or 'Another process was stopped',
+                          step)
           break
       if step >= t.num_steps:
-        test_decoder = evaluate.BatchDecoder(config, par, model, data, search)
-        for split in filter(None, config.decode.after_training.split(',')):
-          evaluate.evaluate_split(test_decoder, state, step, split.strip(),
-                                  workdir, writer)
+        # After the last checkpoint is safe: the final test decodes.
+        for evaluator in at_end.values():
+          evaluator.run(state, step, writer)
   finally:
     preemption.restore()
     checkpoints.wait()
@@ -370,40 +251,3 @@ def _write_train_metrics(writer, config, step: int, pending: list,
   if seconds:
     means['examples_per_sec'] = config.batch_size * len(fetched) / seconds
   writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
-
-
-def _evaluate(config, p_eval, decoder, state, source, references, writer,
-              step: int) -> dict[str, float]:
-  """Validation loss, and metrics of captions decoded for the same images."""
-  # pylint: disable=g-import-not-at-top
-  from capjax import evaluate
-  from capjax.data import pipeline
-  # pylint: enable=g-import-not-at-top
-  ev = config.eval
-  totals = None
-  captions = {}
-  for i, batch in enumerate(pipeline.eval_dataset(config, source,
-                                                  decoder.data.vocab)):
-    if i == ev.num_batches:
-      break
-    captions.update(decoder.batch(state, batch))
-    sums = jax.device_get(p_eval(state, decoder.par.put_batch(batch)))
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  metrics = {
-      'val_loss': float(totals['ce'] / totals['tokens'] +
-                        config.train.attention_penalty *
-                        totals['penalty'] / totals['captions']),
-      'val_cross_entropy': float(totals['ce'] / totals['tokens']),
-      'val_token_accuracy': float(totals['correct'] / totals['tokens']),
-  }
-  # No METEOR: its Java start-up would cost more than the rest.
-  scores = evaluate.score(references, captions, meteor='none')
-  metrics.update({f'val_{k}': v for k, v in scores.items()})
-  writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
-  samples = [f'image {i}: {captions[i]}\nreference: {references[i][0]}'
-             for i in list(captions)[:ev.num_samples]]
-  if samples:
-    writer.write_texts(step, {'eval/samples': '\n\n'.join(samples)})
-    for line in samples:
-      logging.info('Sample: %s', line.replace('\n', ' | '))
-  return metrics

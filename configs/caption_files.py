@@ -27,7 +27,7 @@ def get_config():
   # Karpathy-style files have train/restval/val/test splits; a single COCO
   # file becomes 'train' (use 'train=a.json,val=b.json' for more).
   d.train_split = 'train'
-  d.eval_split = 'val'
+  config.evals.val.split = 'val'
   d.image_size = 224
   d.max_len = 18
   d.min_count = 5

@@ -37,7 +37,6 @@ def get_config():
   d.builder_config = '2014'  # The only coco_captions config: Karpathy splits.
   d.prepare = False  # ~20 GB download: prepare explicitly, once.
   d.train_split = 'train+restval'
-  d.eval_split = 'val'
   d.image_size = 224  # ResNet-101's 7x7 grid; its weights' training size.
   d.normalization = 'imagenet'  # What timm's weights were trained with.
   d.max_len = 18  # 16 words + <bos>/<eos> covers ~98% of COCO captions.
@@ -74,11 +73,12 @@ def get_config():
 
   # Validation: loss, and greedy captions of 20 batches (5,120 images: all
   # of val) scored with CIDEr-D, which picks the best checkpoint.
-  config.eval.num_batches = 20
-  config.eval.every_steps = 1_000  # 2.3 epochs.
+  config.evals.val.split = 'val'
+  config.evals.val.num_batches = 20
+  config.evals.val.every_steps = 1_000  # 2.3 epochs.
   # The papers' test: beam 3 on the Karpathy test split, after training too.
   config.decode.split = 'test'
   config.decode.beam_size = 3
   config.decode.batch_size = 1_024
-  config.decode.after_training = 'test'
+  config.evals.test.every_steps = 0
   return config

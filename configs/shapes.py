@@ -13,7 +13,6 @@ def get_config():
   d.image_size = 64  # The shapes stay legible at 64 px, and CPU steps are fast.
   d.max_len = 27  # The longest grammar caption has 25 words.
   d.min_count = 1  # A closed grammar: every word is a real word.
-  d.eval_split = 'validation'
   # One of the five captions per image and step (sampled anew each epoch):
   # on a CPU, more images per second teach more than more captions per image.
   d.captions_per_image = 1
@@ -40,8 +39,9 @@ def get_config():
   t.attention_penalty = 0.1
   t.log_every_steps = 50
   t.checkpoint_every_steps = 1_100
-  config.eval.every_steps = 1_100
-  config.eval.num_samples = 4
+  config.evals.val.every_steps = 1_100
+  config.evals.val.num_samples = 4
   # The end of the run: test, and test_novel's unseen colour-shape pairs.
-  config.decode.after_training = 'test,test_novel'
+  config.evals.test.every_steps = 0
+  config.evals.test_novel = config_lib.decode_split('test_novel')
   return config

@@ -30,5 +30,5 @@ def get_config():
   t.schedule = 'constant'
   t.warmup_steps = 0
   t.checkpoint_every_steps = 200
-  config.eval.every_steps = 200
+  config.evals.val.every_steps = 200
   return config

@@ -26,7 +26,7 @@ def get_config():
   t.encoder_learning_rate = 1e-3
   t.log_every_steps = 2
   t.checkpoint_every_steps = 3
-  config.eval.every_steps = 3
-  config.eval.num_batches = 2
-  config.eval.num_samples = 2
+  config.evals.val.every_steps = 3
+  config.evals.val.num_batches = 2
+  config.evals.val.num_samples = 2
   return config

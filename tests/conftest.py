@@ -16,8 +16,22 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
+import functools
+
+from absl import flags
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from capjax import models
+from capjax import optimizer
+from capjax import state as state_lib
+from capjax.data import datasets
+from capjax.data import vocab as vocab_lib
+from capjax.models import resnet
+# pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
 # grain's worker processes read absl flags, which no command line parsed here.
 flags.FLAGS.mark_as_parsed()
@@ -42,3 +56,183 @@ def test_config(shapes_data_dir):
   config = test.get_config()
   config.data.data_dir = shapes_data_dir
   return config
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(shapes_data_dir, tmp_path_factory) -> str:
+  """A workdir trained for 3 steps of configs/test.py on the tiny shapes
+  build: its config.json, vocab.json and checkpoint 3, for the tests of what
+  reads a trained model back. Only read, never written, by those tests."""
+  # As in the fixtures above: imported only by the sessions that need it.
+  # pylint: disable=g-import-not-at-top
+  from capjax import train
+  from configs import test
+  # pylint: enable=g-import-not-at-top
+  config = test.get_config()
+  config.data.data_dir = shapes_data_dir
+  config.train.num_steps = 3
+  config.evals.val.every_steps = -1  # No validation: only the model counts.
+  path = str(tmp_path_factory.mktemp('trained'))
+  train.train_and_evaluate(config, path)
+  return path
+
+
+# Shared helpers: tiny steps on random batches, mock COCO, made weights.
+
+VOCAB_SIZE = 12
+
+
+def step_config(test_config, kind='jit'):
+  config = test_config
+  config.parallel = kind
+  config.batch_size = 16
+  config.data.captions_per_image = 2
+  config.data.max_len = 7
+  # Deterministic per device count: no dropout, BatchNorm on running stats.
+  config.model.decoder.dropout = 0.0
+  config.model.encoder.freeze_bn = True
+  return config
+
+
+def random_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, k, l = config.batch_size, config.data.captions_per_image, config.data.max_len
+  captions = rng.integers(4, VOCAB_SIZE, (b, k, l)).astype(np.int32)
+  captions[..., 0] = vocab_lib.BOS
+  lengths = rng.integers(2, l, (b, k))
+  for i in range(b):
+    for j in range(k):
+      captions[i, j, lengths[i, j]] = vocab_lib.EOS
+      captions[i, j, lengths[i, j] + 1:] = vocab_lib.PAD
+  size = config.data.image_size
+  # uint8 pixels as the pipeline sends them; after the model's ImageNet
+  # normalisation, about standard normal.
+  pixels = np.clip(rng.normal(117, 58, (b, size, size, 3)), 0, 255)
+  return {'image': pixels.astype(np.uint8),
+          'captions': captions, 'mask': np.ones(b, bool),
+          'image/id': np.arange(b)}
+
+
+def init_model(config):
+  model = models.build_captioner(config.model, VOCAB_SIZE)
+  state = jax.jit(functools.partial(state_lib.create, config, model,
+                                    None))(jax.random.key(0))
+  tx = optimizer.make(config, state.params)
+  return model, tx, state
+
+
+_COCO_WORDS = 'a man woman dog cat riding sitting on the red bench table with'.split()
+KARPATHY_SIZES = {'train': 12, 'restval': 5, 'val': 4, 'test': 4}
+
+
+def coco_data_source(builder, split, decoders=None, **kwargs):
+  """What a prepared coco_captions would return, through its real features.
+
+  Each example is serialised and parsed back with the builder's own feature
+  spec, exactly as TFDS reads ArrayRecord files, so decoders such as
+  `SkipDecoding` behave as they do on the real dataset. (TFDS's default
+  mock draws sequence features of unequal lengths, which cannot be encoded.)
+  """
+  del kwargs
+  features = builder.info.features
+  records = []
+  for name in datasets.split_names(split):
+    offset = list(KARPATHY_SIZES).index(name) * 1000
+    for i in range(KARPATHY_SIZES[name]):
+      rng = np.random.default_rng(offset + i)
+      captions = [' '.join(rng.choice(_COCO_WORDS, rng.integers(4, 12))).capitalize()
+                  + '.' for _ in range(rng.integers(5, 8))]
+      records.append(features.serialize_example({
+          'image': rng.integers(0, 256, (rng.integers(30, 60), 50, 3),
+                                dtype=np.uint8),
+          'image/id': offset + i,
+          'image/filename': f'COCO_{name}2014_{offset + i:012d}.jpg',
+          'captions': {'id': list(range(len(captions))), 'text': captions},
+          'objects': {'area': [10], 'bbox': [tfds.features.BBox(.1, .1, .5, .5)],
+                      'id': [1], 'is_crowd': [False], 'label': [3]},
+      }))
+
+  class Source:
+    def __len__(self):
+      return len(records)
+
+    def __getitem__(self, i):
+      return features.deserialize_example_np(records[i], decoders=decoders)
+  return Source()
+
+
+def coco_config(get_config=None):
+  """configs/coco.py (or a config built on it), for the mock data."""
+  from configs import coco  # pylint: disable=g-import-not-at-top
+  config = (get_config or coco.get_config)()
+  config.batch_size = 4
+  config.data.image_size = 32
+  config.data.min_count = 2
+  config.data.workers = 0
+  return config
+
+
+def tiny_coco_training(config):
+  """`config` shrunk to 2 training steps of a tiny model on the mock data."""
+  config.batch_size = 8
+  config.model.encoder.arch = 'resnet_tiny'
+  for name in ('embed_dim', 'hidden_dim', 'attention_dim'):
+    config.model.decoder[name] = 16
+  config.train.num_steps = 2
+  config.evals.val.num_batches = 1
+  config.evals.val.num_samples = 1
+  config.decode.batch_size = 8
+  config.decode.meteor = 'none'
+  # Mocked, "preparing" downloads nothing; TFDS's real call still runs.
+  config.data.prepare = True
+  return config
+
+
+def torch_state_dict(arch: str, seed: int, num_classes: int = 10):
+  """Random weights named and shaped as torchvision's ResNet state_dict()."""
+  spec = resnet.ARCHS[arch]
+  rng = np.random.default_rng(seed)
+  state = {}
+
+  def conv(name, out_channels, in_channels, k):
+    std = np.sqrt(2 / (in_channels * k * k))
+    state[f'{name}.weight'] = rng.normal(
+        0, std, (out_channels, in_channels, k, k))
+
+  def bn(name, channels):
+    state[f'{name}.weight'] = rng.uniform(0.5, 1.5, channels)
+    state[f'{name}.bias'] = rng.normal(0, 0.1, channels)
+    state[f'{name}.running_mean'] = rng.normal(0, 0.1, channels)
+    state[f'{name}.running_var'] = rng.uniform(0.5, 2.0, channels)
+    state[f'{name}.num_batches_tracked'] = np.array(100, np.int64)
+
+  conv('conv1', spec.width, 3, 7)
+  bn('bn1', spec.width)
+  expansion = 4 if spec.bottleneck else 1
+  inplanes = spec.width
+  for s, num_blocks in enumerate(spec.stage_sizes, start=1):
+    planes = spec.width * 2**(s - 1)
+    for b in range(num_blocks):
+      p = f'layer{s}.{b}'
+      if spec.bottleneck:
+        conv(f'{p}.conv1', planes, inplanes, 1)
+        bn(f'{p}.bn1', planes)
+        conv(f'{p}.conv2', planes, planes, 3)
+        bn(f'{p}.bn2', planes)
+        conv(f'{p}.conv3', planes * 4, planes, 1)
+        bn(f'{p}.bn3', planes * 4)
+      else:
+        conv(f'{p}.conv1', planes, inplanes, 3)
+        bn(f'{p}.bn1', planes)
+        conv(f'{p}.conv2', planes, planes, 3)
+        bn(f'{p}.bn2', planes)
+      stride = 2 if s > 1 and b == 0 else 1
+      if stride != 1 or inplanes != planes * expansion:
+        conv(f'{p}.downsample.0', planes * expansion, inplanes, 1)
+        bn(f'{p}.downsample.1', planes * expansion)
+      inplanes = planes * expansion
+  state['fc.weight'] = rng.normal(0, 1 / np.sqrt(inplanes),
+                                  (num_classes, inplanes))
+  state['fc.bias'] = rng.normal(0, 0.1, num_classes)
+  return {k: v if v.dtype == np.int64 else v.astype(np.float32)
+          for k, v in state.items()}

@@ -1,4 +1,5 @@
-"""Captioning users' images (capjax.caption): CLI, API, HTML report."""
+"""Captioning users' images: the CLI (capjax.caption), the API it shares
+(capjax.inference) and the HTML report (capjax.report), end to end."""
 
 import io
 import json
@@ -13,8 +14,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax import caption
-from capjax import train
+from capjax import inference
+from capjax import workdir as workdir_lib
 from capjax.data import scenes
 from conftest import REPO
 
@@ -23,19 +24,6 @@ GOOD = ['a.jpg', 'b.png', 'c.webp', 'd.bmp', 'e.gif', 'cmyk.jpg', 'deep.png',
 BAD = {'empty.jpg': 'empty file (0 bytes)',
        'notes.jpg': 'cannot identify image file',
        'truncated.jpg': 'truncated'}
-
-
-@pytest.fixture(scope='module')
-def workdir(shapes_data_dir, tmp_path_factory):
-  """A workdir trained for 3 steps on tiny shapes."""
-  from configs import test  # pylint: disable=g-import-not-at-top
-  config = test.get_config()
-  config.data.data_dir = shapes_data_dir
-  config.train.num_steps = 3
-  config.eval.num_batches = 0
-  path = str(tmp_path_factory.mktemp('run'))
-  train.train_and_evaluate(config, path)
-  return path
 
 
 def _scene(index: int) -> Image.Image:
@@ -79,9 +67,9 @@ def _cli(*args):
 
 
 @pytest.fixture(scope='module')
-def cli_run(workdir, photos, tmp_path_factory):
+def cli_run(trained_workdir, photos, tmp_path_factory):
   out = tmp_path_factory.mktemp('out')
-  proc = _cli(f'--workdir={workdir}', '--beam_size=3', str(photos),
+  proc = _cli(f'--workdir={trained_workdir}', '--beam_size=3', str(photos),
               str(photos / 'missing.jpg'), f'--html={out / "report.html"}',
               '--attention')
   return proc, out / 'report.html'
@@ -107,11 +95,11 @@ def test_cli_one_line_per_file_and_exit_code(cli_run, photos):
   assert 'Traceback' not in proc.stderr
 
 
-def test_api_agrees_with_cli_and_reads_images_upright(cli_run, workdir,
+def test_api_agrees_with_cli_and_reads_images_upright(cli_run, trained_workdir,
                                                      photos):
   proc, _ = cli_run
   cli = {l['path']: l for l in map(json.loads, proc.stdout.splitlines())}
-  captioner = caption.Captioner.from_workdir(workdir, beam_size=3)
+  captioner = inference.Captioner.from_workdir(trained_workdir, beam_size=3)
   paths = [str(photos / n) for n in GOOD]
   results = captioner.caption(paths, keep_pixels=True)
   for path, result in zip(paths, results):
@@ -127,29 +115,31 @@ def test_api_agrees_with_cli_and_reads_images_upright(cli_run, workdir,
   assert upright < sideways / 2
   # The huge image was decoded small (memory stays bounded).
   assert max(results[GOOD.index('huge.jpg')].pixels.shape) <= (
-      caption.REPORT_SIZE)
+      inference.REPORT_SIZE)
   # Pixels in memory caption as their file does.
   pixels = np.asarray(Image.open(photos / 'b.png'))
   assert captioner.caption([pixels])[0].caption == results[1].caption
 
 
-def test_all_good_exits_0_and_usage_errors_exit_2(workdir, photos, tmp_path):
+def test_all_good_exits_0_and_usage_errors_exit_2(trained_workdir, photos,
+                                                  tmp_path):
   good = tmp_path / 'good'
   good.mkdir()
   shutil.copy(photos / 'a.jpg', good)
   output = tmp_path / 'captions.jsonl'
-  proc = _cli(f'--workdir={workdir}', str(good), f'--output={output}')
+  proc = _cli(f'--workdir={trained_workdir}', str(good), f'--output={output}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout == '' and len(output.read_text().splitlines()) == 1
   (tmp_path / 'untrained').mkdir()
   cases = {
-      'give the images or folders': [f'--workdir={workdir}'],
+      'give the images or folders': [f'--workdir={trained_workdir}'],
       'has no config.json; train one first': [
           f'--workdir={tmp_path / "untrained"}', str(good)],
-      'no image files': [f'--workdir={workdir}', str(tmp_path / 'untrained')],
+      'no image files': [f'--workdir={trained_workdir}',
+                         str(tmp_path / 'untrained')],
       '--attention draws heatmaps into the --html report': [
-          f'--workdir={workdir}', '--attention', str(good)],
-      'Unknown command line flag': [f'--workdir={workdir}', '--beam=3'],
+          f'--workdir={trained_workdir}', '--attention', str(good)],
+      'Unknown command line flag': [f'--workdir={trained_workdir}', '--beam=3'],
   }
   procs = {want: subprocess.Popen(
       [sys.executable, '-m', 'capjax.caption', *args], cwd=REPO, text=True,
@@ -161,7 +151,7 @@ def test_all_good_exits_0_and_usage_errors_exit_2(workdir, photos, tmp_path):
     assert want in err and 'Traceback' not in err, want
 
 
-def test_html_report_has_every_image_and_attention(cli_run, workdir):
+def test_html_report_has_every_image_and_attention(cli_run, trained_workdir):
   proc, report = cli_run
   page = report.read_text()
   lines = [json.loads(l) for l in proc.stdout.splitlines()]
@@ -170,7 +160,7 @@ def test_html_report_has_every_image_and_attention(cli_run, workdir):
   for line in lines:
     assert line['path'] in page
   # A heatmap per word and for <eos>, unless the caption reached max_len.
-  positions = caption.load_config(workdir).data.max_len - 1
+  positions = workdir_lib.load_config(trained_workdir).data.max_len - 1
   words = sum(min(len(l['caption'].split()) + 1, positions)
               for l in captioned)
   assert len(re.findall(r'alt="attention for ', page)) == words
@@ -215,13 +205,3 @@ def test_report_renders_in_headless_chromium(cli_run, tmp_path):
   pixels = np.asarray(Image.open(shot).convert('RGB'), float)
   assert pixels.std(axis=(0, 1)).max() > 20  # Not a blank page.
 
-
-def test_config_of_an_older_workdir_gets_newer_defaults(tmp_path):
-  from configs import shapes  # pylint: disable=g-import-not-at-top
-  saved = json.loads(shapes.get_config().to_json())
-  del saved['train']['discard_data_state']  # A field added later.
-  (tmp_path / 'config.json').write_text(json.dumps(saved))
-  config = caption.load_config(str(tmp_path))
-  assert config.train.discard_data_state is False
-  assert config.data.image_size == 64 and config.model.encoder.arch == (
-      'resnet_small')

@@ -84,7 +84,8 @@ def forward(frozen: bool = True):
 
 @functools.cache
 def prepare():
-  return jit(functools.partial(make_model().apply, method='decode_prepare'))
+  model = make_model()
+  return jit(functools.partial(model.apply, method=model.decode_prepare))
 
 
 def count_convs(jaxpr) -> int:
@@ -100,6 +101,20 @@ def count_convs(jaxpr) -> int:
   return count
 
 
+DECODER_PATHS = {
+    f'cell/{name}' for name in (
+        'attend_features/bias', 'attend_features/kernel',
+        'attend_hidden/kernel', 'attend_score/kernel', 'embed/embedding',
+        'gate/bias', 'gate/kernel', 'init_c/bias', 'init_c/kernel',
+        'init_h/bias', 'init_h/kernel', 'lstm/hf/bias', 'lstm/hf/kernel',
+        'lstm/hg/bias', 'lstm/hg/kernel', 'lstm/hi/bias', 'lstm/hi/kernel',
+        'lstm/ho/bias', 'lstm/ho/kernel', 'lstm/if/kernel', 'lstm/ig/kernel',
+        'lstm/ii/kernel', 'lstm/io/kernel', 'output_context/bias',
+        'output_context/kernel', 'output_hidden/bias', 'output_hidden/kernel',
+        'output_logits/bias', 'output_logits/kernel')
+}
+
+
 def test_variables(variables):
   assert set(variables) == {'params', 'batch_stats'}
   assert set(variables['params']) == {'encoder', 'decoder'}
@@ -109,6 +124,10 @@ def test_variables(variables):
   # The decoder's attention keys read resnet_tiny's channels.
   keys = variables['params']['decoder']['cell']['attend_features']['kernel']
   assert keys.shape == (resnet.feature_dim('resnet_tiny'), 12)
+  # The decoder's paths as trained checkpoints hold them.
+  decoder = {'/'.join(key.key for key in path) for path, _ in
+             jax.tree.flatten_with_path(variables['params']['decoder'])[0]}
+  assert decoder == DECODER_PATHS
 
 
 def test_shapes(variables, images, captions):
@@ -117,9 +136,34 @@ def test_shapes(variables, images, captions):
   assert alphas.shape == (B, K, L - 1, P) and alphas.dtype == jnp.float32
   np.testing.assert_allclose(alphas.sum(-1), np.ones((B, K, L - 1)),
                              rtol=1e-5)
+  model = make_model()
   features = jax.eval_shape(functools.partial(
-      make_model().apply, method='encode'), variables, images)
+      model.apply, method=model.encode), variables, images)
   assert features.shape == (B, P, resnet.feature_dim('resnet_tiny'))
+
+
+def test_methods_from_features_and_on_a_clone(variables, images, captions):
+  """encode then teacher_forcing is __call__, also through a clone."""
+  logits, alphas = forward()(variables, images, captions)
+  model = make_model()
+  # The methods of `model`, applied to a clone of it (as the FLOP count
+  # does): flax binds their functions to the module `apply` runs on.
+  unrolled = model.clone(unroll=True)
+
+  def from_features(variables, images, captions):
+    features = unrolled.apply(variables, images,
+                              method=model.encode)  # [B, P, C]
+    return unrolled.apply(variables, features, captions,
+                          method=model.teacher_forcing)
+
+  split_logits, split_alphas = jit(from_features)(variables, images,
+                                                  captions)
+  np.testing.assert_allclose(split_logits, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(split_alphas, alphas, rtol=1e-5, atol=1e-6)
+  # The clone's fields hold: its scan unrolls all L - 1 steps.
+  jaxpr = jax.make_jaxpr(from_features)(variables, images, captions)
+  assert [(eqn.params['unroll'], eqn.params['length']) for eqn in jaxpr.eqns
+          if eqn.primitive.name == 'scan'] == [(L - 1, L - 1)]
 
 
 def test_grid_pools_features(images, captions):
@@ -181,8 +225,8 @@ def test_decode_steps_match_teacher_forcing(variables, images, captions):
   model = make_model()
   logits, alphas = forward()(variables, images, captions)
   cache = prepare()(variables, images)
-  carry = model.apply(variables, cache, K, method='decode_initial_carry')
-  step = jit(functools.partial(model.apply, method='decode_step'))
+  carry = model.apply(variables, cache, K, method=model.decode_initial_carry)
+  step = jit(functools.partial(model.apply, method=model.decode_step))
   for t in range(L - 1):
     carry, step_logits, alpha = step(variables, carry, captions[..., t], cache)
     np.testing.assert_allclose(step_logits, logits[:, :, t],
@@ -197,10 +241,11 @@ def test_jitted_decode_step_traces_once(variables, images):
   @jax.jit
   def step(variables, carry, tokens, cache):
     traces.append(1)  # Runs only while tracing.
-    return model.apply(variables, carry, tokens, cache, method='decode_step')
+    return model.apply(variables, carry, tokens, cache,
+                       method=model.decode_step)
 
   cache = prepare()(variables, images)
-  carry = model.apply(variables, cache, K, method='decode_initial_carry')
+  carry = model.apply(variables, cache, K, method=model.decode_initial_carry)
   tokens = jnp.full((B, K), vocab.BOS, jnp.int32)
   for _ in range(3):
     carry, logits, _ = step(variables, carry, tokens, cache)

@@ -14,76 +14,9 @@ from capjax.data import shapes
 from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
 
-_WORDS = 'a man woman dog cat riding sitting on the red bench table with'.split()
-_KARPATHY_SIZES = {'train': 12, 'restval': 5, 'val': 4, 'test': 4}
-
-
-def _coco_data_source(builder, split, decoders=None, **kwargs):
-  """What a prepared coco_captions would return, through its real features.
-
-  Each example is serialised and parsed back with the builder's own feature
-  spec, exactly as TFDS reads ArrayRecord files, so decoders such as
-  `SkipDecoding` behave as they do on the real dataset. (TFDS's default
-  mock draws sequence features of unequal lengths, which cannot be encoded.)
-  """
-  del kwargs
-  features = builder.info.features
-  records = []
-  for name in datasets.split_names(split):
-    offset = list(_KARPATHY_SIZES).index(name) * 1000
-    for i in range(_KARPATHY_SIZES[name]):
-      rng = np.random.default_rng(offset + i)
-      captions = [' '.join(rng.choice(_WORDS, rng.integers(4, 12))).capitalize()
-                  + '.' for _ in range(rng.integers(5, 8))]
-      records.append(features.serialize_example({
-          'image': rng.integers(0, 256, (rng.integers(30, 60), 50, 3),
-                                dtype=np.uint8),
-          'image/id': offset + i,
-          'image/filename': f'COCO_{name}2014_{offset + i:012d}.jpg',
-          'captions': {'id': list(range(len(captions))), 'text': captions},
-          'objects': {'area': [10], 'bbox': [tfds.features.BBox(.1, .1, .5, .5)],
-                      'id': [1], 'is_crowd': [False], 'label': [3]},
-      }))
-
-  class Source:
-    def __len__(self):
-      return len(records)
-
-    def __getitem__(self, i):
-      return features.deserialize_example_np(records[i], decoders=decoders)
-  return Source()
-
-
-def _coco_config(get_config=None):
-  """configs/coco.py (or a config built on it), for the mock data."""
-  from configs import coco  # pylint: disable=g-import-not-at-top
-  config = (get_config or coco.get_config)()
-  config.batch_size = 4
-  config.data.image_size = 32
-  config.data.min_count = 2
-  config.data.workers = 0
-  return config
-
-
-def _tiny_coco_training(config):
-  """`config` shrunk to 2 training steps of a tiny model on the mock data."""
-  config.batch_size = 8
-  config.model.encoder.arch = 'resnet_tiny'
-  for name in ('embed_dim', 'hidden_dim', 'attention_dim'):
-    config.model.decoder[name] = 16
-  config.train.num_steps = 2
-  config.eval.num_batches = 1
-  config.eval.num_samples = 1
-  config.decode.batch_size = 8
-  config.decode.meteor = 'none'
-  # Mocked, "preparing" downloads nothing; TFDS's real call still runs.
-  config.data.prepare = True
-  return config
-
-
 def test_coco_config_through_mock_data(tmp_path):
-  config = _coco_config()
-  with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
+  config = coco_config()
+  with tfds.testing.mock_data(as_data_source_fn=coco_data_source):
     # Not prepared, and the COCO config never downloads on its own.
     with pytest.raises(UserError, match='--mode=prepare'):
       prepare.prepare(config, str(tmp_path))
@@ -92,17 +25,17 @@ def test_coco_config_through_mock_data(tmp_path):
     assert data.builder.name == 'coco_captions'
     assert data.vocab.source['split'] == 'train+restval'
     # The vocabulary comes from train+restval only, with min_count applied.
-    assert set(data.vocab.words[4:]) <= set(_WORDS)
+    assert set(data.vocab.words[4:]) <= set(_COCO_WORDS)
     assert data.vocab.source['num_captions'] == sum(
-        len(_coco_data_source(data.builder, s)[i]['captions']['text'])
-        for s in ('train', 'restval') for i in range(_KARPATHY_SIZES[s]))
+        len(coco_data_source(data.builder, s)[i]['captions']['text'])
+        for s in ('train', 'restval') for i in range(KARPATHY_SIZES[s]))
     train = datasets.data_source(data.builder, config.data.train_split)
     assert len(train) == 17
     batch = next(iter(pipeline.train_dataset(config, train, data.vocab)))
     assert batch['image'].shape == (4, 32, 32, 3)
     assert batch['captions'].shape == (4, 5, 18)
     assert set(batch['image/id']) <= set(range(17)) | set(range(1000, 1005))
-    val = datasets.data_source(data.builder, config.data.eval_split)
+    val = datasets.data_source(data.builder, config.evals.val.split)
     ids = [int(i) for b in pipeline.eval_dataset(config, val, data.vocab)
            for i, m in zip(b['image/id'], b['mask']) if m]
     assert sorted(ids) == [2000, 2001, 2002, 2003]
@@ -133,7 +66,7 @@ def test_unprepared_dataset_names_the_fix(tmp_path):
 
 
 def test_unknown_split(test_config, tmp_path):
-  test_config.data.eval_split = 'validation+tset'
+  test_config.evals.val.split = 'validation+tset'
   with pytest.raises(UserError, match="no split 'tset'.*test_novel"):
     prepare.prepare(test_config, str(tmp_path))
 

@@ -210,7 +210,7 @@ def test_beam_one_is_greedy(captioner):
 
   @jax.jit
   def greedy(variables, images):
-    cache = model.apply(variables, images, method='decode_prepare')
+    cache = model.apply(variables, images, method=model.decode_prepare)
     out = decode.sample(model, variables, cache, None, num_samples=1,
                         max_len=8)
     return out.tokens[:, 0], out.alphas[:, 0]
@@ -243,6 +243,28 @@ def test_model_search_compiles_once_and_batches_independently(captioner):
   np.testing.assert_array_equal(alone.tokens[0], first.tokens[2])
   np.testing.assert_array_equal(again.tokens[2], first.tokens[2])
   assert np.all(np.diff(np.asarray(first.scores[:3]), axis=1) <= 0)
+
+
+def test_search_from_features_is_search_from_images(captioner):
+  """One encoder pass can serve both a loss and the search: same captions."""
+  model, variables, images = captioner
+  mask = jnp.array([True, True, True, True, False])
+  options = dict(beam_size=3, max_len=8, num_return=2, alpha=0.6,
+                 ban_repeated_trigrams=True, mask=mask)
+
+  # Encoded by one program and searched by another: nothing but the features
+  # carries the images over.
+  features = jax.jit(functools.partial(model.apply, method=model.encode))(
+      variables, images)  # [B, P, C]
+  out = jax.jit(functools.partial(decode.beam_search_features, model,
+                                  **options))(variables, features)
+  expected = jax.jit(functools.partial(decode.beam_search, model, **options))(
+      variables, images)
+  assert out.tokens.shape == (5, 2, 7) and out.alphas.shape == (5, 7, 4)
+  for name in ('tokens', 'scores', 'logprobs', 'alphas'):
+    np.testing.assert_array_equal(getattr(out, name), getattr(expected, name),
+                                  err_msg=name)
+  assert (np.asarray(out.tokens[:4, 0]) != PAD).any()
 
 
 def test_bad_arguments():

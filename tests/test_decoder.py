@@ -21,9 +21,9 @@ jit = functools.partial(
 
 
 def make_decoder(dtype=jnp.float32, dropout_rate=0.5) -> decoder_lib.Decoder:
-  return decoder_lib.Decoder(
+  return decoder_lib.Decoder(decoder_lib.AttentionLSTMCell(
       vocab_size=VOCAB, embed_dim=EMBED, hidden_dim=HIDDEN,
-      attention_dim=ATTENTION, dropout_rate=dropout_rate, dtype=dtype)
+      attention_dim=ATTENTION, dropout_rate=dropout_rate, dtype=dtype))
 
 
 @functools.cache
@@ -69,10 +69,10 @@ def variables(features, tokens):
 def step_loop(variables, features, tokens):
   """Teacher forcing by a Python loop over `step`: the reference."""
   decoder = make_decoder()
-  cache = decoder.apply(variables, features, method='prepare')
+  cache = decoder.apply(variables, features, method=decoder.prepare)
   carry = decoder.apply(variables, cache, tokens.shape[1],
-                        method='initial_carry')
-  step = jit(functools.partial(decoder.apply, method='step'))
+                        method=decoder.initial_carry)
+  step = jit(functools.partial(decoder.apply, method=decoder.step))
   all_logits, all_alphas = [], []
   for t in range(tokens.shape[2]):
     carry, logits, alpha = step(variables, carry, tokens[..., t], cache)
@@ -94,14 +94,61 @@ def intermediate_shapes(jaxpr) -> set[tuple[int, ...]]:
   return shapes
 
 
+# The decoder's parameter tree as trained checkpoints hold it (under
+# params/decoder in the captioner): changing a path breaks their restore.
+# Shapes for E=16, H=24, A=12, C=8, V=20; the LSTM input is E + C = 24.
+PARAMETER_TREE = {
+    'params/cell/attend_features/bias': (ATTENTION,),
+    'params/cell/attend_features/kernel': (C, ATTENTION),
+    'params/cell/attend_hidden/kernel': (HIDDEN, ATTENTION),
+    'params/cell/attend_score/kernel': (ATTENTION, 1),
+    'params/cell/embed/embedding': (VOCAB, EMBED),
+    'params/cell/gate/bias': (1,),
+    'params/cell/gate/kernel': (HIDDEN, 1),
+    'params/cell/init_c/bias': (HIDDEN,),
+    'params/cell/init_c/kernel': (C, HIDDEN),
+    'params/cell/init_h/bias': (HIDDEN,),
+    'params/cell/init_h/kernel': (C, HIDDEN),
+    'params/cell/lstm/hf/bias': (HIDDEN,),
+    'params/cell/lstm/hf/kernel': (HIDDEN, HIDDEN),
+    'params/cell/lstm/hg/bias': (HIDDEN,),
+    'params/cell/lstm/hg/kernel': (HIDDEN, HIDDEN),
+    'params/cell/lstm/hi/bias': (HIDDEN,),
+    'params/cell/lstm/hi/kernel': (HIDDEN, HIDDEN),
+    'params/cell/lstm/ho/bias': (HIDDEN,),
+    'params/cell/lstm/ho/kernel': (HIDDEN, HIDDEN),
+    'params/cell/lstm/if/kernel': (EMBED + C, HIDDEN),
+    'params/cell/lstm/ig/kernel': (EMBED + C, HIDDEN),
+    'params/cell/lstm/ii/kernel': (EMBED + C, HIDDEN),
+    'params/cell/lstm/io/kernel': (EMBED + C, HIDDEN),
+    'params/cell/output_context/bias': (EMBED,),
+    'params/cell/output_context/kernel': (C, EMBED),
+    'params/cell/output_hidden/bias': (EMBED,),
+    'params/cell/output_hidden/kernel': (HIDDEN, EMBED),
+    'params/cell/output_logits/bias': (VOCAB,),
+    'params/cell/output_logits/kernel': (EMBED, VOCAB),
+}
+
+
+def parameter_tree(variables) -> dict[str, tuple[int, ...]]:
+  """{'params/cell/embed/embedding': shape, ...} of a variables pytree."""
+  return {'/'.join(key.key for key in path): tuple(leaf.shape)
+          for path, leaf in jax.tree.flatten_with_path(variables)[0]}
+
+
+def test_parameter_tree_is_unchanged(variables):
+  assert parameter_tree(variables) == PARAMETER_TREE
+
+
 def test_shapes_and_dtypes(variables, features, tokens):
   logits, alphas = forward()(variables, features, tokens)
   assert logits.shape == (B, K, L, VOCAB) and logits.dtype == jnp.float32
   assert alphas.shape == (B, K, L, P) and alphas.dtype == jnp.float32
-  cache = make_decoder().apply(variables, features, method='prepare')
+  decoder = make_decoder()
+  cache = decoder.apply(variables, features, method=decoder.prepare)
   assert cache['features'].shape == (B, P, C)
   assert cache['keys'].shape == (B, P, ATTENTION)
-  c, h = make_decoder().apply(variables, cache, 4, method='initial_carry')
+  c, h = decoder.apply(variables, cache, 4, method=decoder.initial_carry)
   assert c.shape == h.shape == (B, 4, HIDDEN)
   assert c.dtype == h.dtype == jnp.float32
 
@@ -237,10 +284,11 @@ def test_jitted_step_traces_once(variables, features):
   @jax.jit
   def step(variables, carry, tokens, cache):
     traces.append(1)  # Runs only while tracing.
-    return decoder.apply(variables, carry, tokens, cache, method='step')
+    return decoder.apply(variables, carry, tokens, cache,
+                         method=decoder.step)
 
-  cache = decoder.apply(variables, features, method='prepare')
-  carry = decoder.apply(variables, cache, K, method='initial_carry')
+  cache = decoder.apply(variables, features, method=decoder.prepare)
+  carry = decoder.apply(variables, cache, K, method=decoder.initial_carry)
   tokens = jnp.full((B, K), vocab.BOS, jnp.int32)
   carry, logits, _ = step(variables, carry, tokens, cache)
   tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -1,4 +1,5 @@
-"""The decode job (capjax.evaluate): whole splits, results files, sidecar."""
+"""The evaluation jobs (capjax.evaluate): whole splits, results files,
+sidecar; and the evaluators the training loop runs."""
 
 import functools
 import json
@@ -10,21 +11,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from capjax import config as config_lib
 from capjax import decode
 from capjax import evaluate
 from capjax import models
 from capjax import train
 from capjax.data import datasets
+from capjax.data import pipeline
 from capjax.data import prepare
 from capjax.data import tokenizer
 from capjax.errors import UserError
+from configs import test as test_configs
 
 
 def _config(shapes_data_dir):
-  from configs import test  # pylint: disable=g-import-not-at-top
-  config = test.get_config()
+  config = test_configs.get_config()
   config.data.data_dir = shapes_data_dir
-  config.eval.num_batches = 1
+  config.evals.val.num_batches = 1
   config.decode.meteor = 'none'  # Java's start-up is tested in the metrics.
   config.decode.batch_size = 16
   return config
@@ -70,7 +73,6 @@ def test_decode_covers_the_split_once_and_matches_one_device(
   assert all(0 <= v <= 10 for v in metrics.values())
 
   # The same captions as the search on one device, image by image.
-  from capjax.data import pipeline  # pylint: disable=g-import-not-at-top
   model = models.build_captioner(config.model, len(data.vocab))
   search = jax.jit(functools.partial(
       decode.beam_search, model, beam_size=config.decode.beam_size,
@@ -91,7 +93,8 @@ def test_training_validates_with_cider_and_decodes_after(shapes_data_dir,
   config = _config(shapes_data_dir)
   config.train.num_steps = 9
   config.train.keep_checkpoints = 1
-  config.decode.after_training = 'test, validation'
+  config.evals.test.every_steps = 0
+  config.evals.again = config_lib.decode_split('validation')
   config.decode.beam_size = 2
   train.train_and_evaluate(config, str(tmp_path))
   for split in ('test', 'validation'):

@@ -21,7 +21,8 @@ for name in %r:
 import functools
 import jax, jax.numpy as jnp, numpy as np
 from capjax import benchmark, decode, models, optimizer, parallel  # noqa
-from capjax import pretrained, scst, state as state_lib, train  # noqa: F401
+from capjax import objectives, pretrained, state as state_lib  # noqa: F401
+from capjax.objectives import cross_entropy, scst  # noqa: F401
 from configs import test
 
 config = test.get_config()
@@ -36,7 +37,7 @@ state = jax.jit(functools.partial(state_lib.create, config, model,
                                   None))(jax.random.key(0))
 tx = optimizer.make(config, state.params)
 par = parallel.Parallel(config)
-step = par.step(functools.partial(train.train_step, model=model, tx=tx,
+step = par.step(functools.partial(cross_entropy.train_step, model=model, tx=tx,
                                   config=config))
 batch, _ = benchmark.synthetic_batch(config, config.batch_size, 11)
 batch['image'] = np.random.default_rng(0).integers(

@@ -20,7 +20,8 @@ def test_main_trains(shapes_data_dir, tmp_path):
   workdir = tmp_path / 'run'
   proc = _main('--config=configs/test.py', f'--workdir={workdir}',
                f'--config.data.data_dir={shapes_data_dir}',
-               '--config.decode.after_training=test_novel')
+               '--config.evals.test.every_steps=0',
+               '--config.evals.test.split=test_novel')
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   vocab = json.loads((workdir / 'vocab.json').read_text())
@@ -62,7 +63,9 @@ def test_bad_input_is_one_line_and_nothing_is_lost(shapes_data_dir, tmp_path):
       'data dir --config.data.data_dir=/no/such/dir does not exist':
           base + ['--config.data.data_dir=/no/such/dir',
                   '--config.data.prepare=False'],
-      "shapes has no split 'valid'": base + ['--config.data.eval_split=valid'],
+      "shapes has no split 'valid'": base + ['--config.evals.val.split=valid'],
+      "--config.evals.val.type='validate' is not an evaluator":
+          base + ['--config.evals.val.type=validate'],
       'vocab.json was built from other data': base,
       'captions.json is empty': [
           '--config=configs/caption_files.py', f'--workdir={workdir}',

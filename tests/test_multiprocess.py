@@ -9,8 +9,10 @@ process group, killed when the test ends, also when it fails.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -122,3 +124,86 @@ def test_another_process_count_needs_discard_data_state(runs, test_config):
   test_config.train.discard_data_state = True
   state = train.train_and_evaluate(test_config, two)
   assert int(state.step) == 9
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _wait_until_all_log(procs, logs, text, timeout):
+  """Until every log holds `text`; fails at once if a process ends first."""
+  deadline = time.time() + timeout
+  while not all(text in log.read_text() for log in logs):
+    for p, log in zip(procs, logs):
+      assert p.poll() is None, log.read_text()[-3000:]
+    assert time.time() < deadline, f'no {text!r} in every log'
+    time.sleep(0.5)
+
+
+def _preemptible_args(workdir, data_dir, steps):
+  return ['--config=configs/test.py', f'--workdir={workdir}',
+          f'--config.data.data_dir={data_dir}',
+          f'--config.train.num_steps={steps}',
+          '--config.train.log_every_steps=1',
+          # The only checkpoint is the one the signal asks for.
+          '--config.train.checkpoint_every_steps=100000',
+          '--config.evals.val.every_steps=-1']
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(shapes_data_dir,
+                                                        tmp_path):
+  # The processes are started here, not by the launcher (which stops the
+  # others when one exits), so that the signal reaches process 1 only.
+  workdir = str(tmp_path / 'run')
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  logs = [tmp_path / f'process_{i}.log' for i in range(2)]
+  procs = []
+  try:
+    for i, log in enumerate(logs):
+      with open(log, 'w') as f:
+        procs.append(subprocess.Popen(
+            [sys.executable, '-m', 'capjax.main',
+             *_preemptible_args(workdir, shapes_data_dir, 100_000),
+             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+             f'--process_id={i}'],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=f,
+            start_new_session=True))
+    # Both past step 2: compiled, and stepping.
+    _wait_until_all_log(procs, logs, '] [2] train/', timeout=300)
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      try:
+        p.wait(timeout=120)
+      except subprocess.TimeoutExpired:
+        pytest.fail('a process did not stop after the SIGTERM:\n' +
+                    '\n'.join(log.read_text()[-2000:] for log in logs))
+  finally:
+    for p in procs:
+      try:
+        os.killpg(p.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+  errs = [log.read_text() for log in logs]
+  assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:]
+  # One step, saved by both and complete: orbax gives the step's folder its
+  # name only once every process has written its part.
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  steps = os.listdir(checkpoints)
+  assert len(steps) == 1 and steps[0].isdigit(), steps
+  step = int(steps[0])
+  assert 2 < step < 100_000
+  for err in errs:
+    assert f'saved step {step}, stopping' in err
+  assert sorted(os.listdir(os.path.join(checkpoints, steps[0], 'data'))) == [
+      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+  # And the job continues from it.
+  env = dict(os.environ, NUM_PROCESSES='2', DEVICES_PER_PROCESS='2',
+             PYTHON=sys.executable)
+  _, err = _run(['bash', 'launch/local_multiprocess.sh',
+                 *_preemptible_args(workdir, shapes_data_dir, step + 2)], env)
+  assert f'Restored step {step}' in err
+  assert sorted(map(int, os.listdir(checkpoints))) == [step, step + 2]

@@ -6,6 +6,7 @@ import pytest
 
 from capjax import config as config_lib
 from capjax import parallel
+from capjax.errors import UserError
 
 
 def _step(state, batch, rng):
@@ -34,3 +35,9 @@ def test_the_rng_stays_on_the_device(kind):
       state, noise = step(state, batch, rng)
   assert float(par.get_state(state)['w']) == 48.0
   assert float(noise) != float(first)  # A new draw at every step.
+
+
+def test_batch_must_divide_over_devices(test_config):
+  test_config.batch_size = 12
+  with pytest.raises(UserError, match='not divisible by the 8 devices'):
+    parallel.Parallel(test_config)

@@ -225,56 +225,6 @@ def test_keras_errors(keras_notop_h5):
 # ---------------------------------------------------------------------------
 
 
-def _torch_state_dict(arch: str, seed: int, num_classes: int = 10):
-  """Random weights named and shaped as torchvision's ResNet state_dict()."""
-  spec = resnet.ARCHS[arch]
-  rng = np.random.default_rng(seed)
-  state = {}
-
-  def conv(name, out_channels, in_channels, k):
-    std = np.sqrt(2 / (in_channels * k * k))
-    state[f'{name}.weight'] = rng.normal(
-        0, std, (out_channels, in_channels, k, k))
-
-  def bn(name, channels):
-    state[f'{name}.weight'] = rng.uniform(0.5, 1.5, channels)
-    state[f'{name}.bias'] = rng.normal(0, 0.1, channels)
-    state[f'{name}.running_mean'] = rng.normal(0, 0.1, channels)
-    state[f'{name}.running_var'] = rng.uniform(0.5, 2.0, channels)
-    state[f'{name}.num_batches_tracked'] = np.array(100, np.int64)
-
-  conv('conv1', spec.width, 3, 7)
-  bn('bn1', spec.width)
-  expansion = 4 if spec.bottleneck else 1
-  inplanes = spec.width
-  for s, num_blocks in enumerate(spec.stage_sizes, start=1):
-    planes = spec.width * 2**(s - 1)
-    for b in range(num_blocks):
-      p = f'layer{s}.{b}'
-      if spec.bottleneck:
-        conv(f'{p}.conv1', planes, inplanes, 1)
-        bn(f'{p}.bn1', planes)
-        conv(f'{p}.conv2', planes, planes, 3)
-        bn(f'{p}.bn2', planes)
-        conv(f'{p}.conv3', planes * 4, planes, 1)
-        bn(f'{p}.bn3', planes * 4)
-      else:
-        conv(f'{p}.conv1', planes, inplanes, 3)
-        bn(f'{p}.bn1', planes)
-        conv(f'{p}.conv2', planes, planes, 3)
-        bn(f'{p}.bn2', planes)
-      stride = 2 if s > 1 and b == 0 else 1
-      if stride != 1 or inplanes != planes * expansion:
-        conv(f'{p}.downsample.0', planes * expansion, inplanes, 1)
-        bn(f'{p}.downsample.1', planes * expansion)
-      inplanes = planes * expansion
-  state['fc.weight'] = rng.normal(0, 1 / np.sqrt(inplanes),
-                                  (num_classes, inplanes))
-  state['fc.bias'] = rng.normal(0, 0.1, num_classes)
-  return {k: v if v.dtype == np.int64 else v.astype(np.float32)
-          for k, v in state.items()}
-
-
 def _np_conv(x, weight, stride: int, pad: int):
   """torch.nn.functional.conv2d: x [n, c, h, w], weight [o, c, kh, kw]."""
   x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
@@ -332,7 +282,7 @@ def torch_files(tmp_path_factory):
   folder = tmp_path_factory.mktemp('torch')
   files = {}
   for seed, arch in enumerate(('resnet_tiny', 'resnet18')):
-    state = _torch_state_dict(arch, seed)
+    state = torch_state_dict(arch, seed)
     path = str(folder / f'{arch}.safetensors')
     safetensors_numpy.save_file(state, path)
     files[arch] = state, path
@@ -500,7 +450,7 @@ def resnet101_weights(tmp_path_factory):
   dict, and a Hugging Face cache that holds them as timm/resnet101.a1h_in1k."""
   folder = tmp_path_factory.mktemp('resnet101')
   state = {k: v.astype(np.float16) if v.dtype == np.float32 else v
-           for k, v in _torch_state_dict('resnet101', 5, 1000).items()}
+           for k, v in torch_state_dict('resnet101', 5, 1000).items()}
   path = str(folder / 'model.safetensors')
   safetensors_numpy.save_file(state, path)
   cache = folder / 'hub'
@@ -653,8 +603,8 @@ sys.path.insert(0, 'tests')
 from absl import app
 import tensorflow_datasets as tfds
 from capjax import main
-from test_datasets import _coco_data_source
-with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
+from conftest import coco_data_source
+with tfds.testing.mock_data(as_data_source_fn=coco_data_source):
   app.run(main.main, argv=['capjax.main'] + sys.argv[1:],
           flags_parser=main.parse_flags)
 """

@@ -1,26 +1,41 @@
 """Self-critical training: sampling, the SCST step, and the SCST phase."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorflow_datasets as tfds
 
+from capjax import checkpoint
 from capjax import decode
+from capjax import objectives
 from capjax import parallel
-from capjax import scst
+from capjax import train
+from capjax.data import pipeline
+from capjax.data import prepare
 from capjax.data.vocab import BOS, EOS, PAD, UNK
 from capjax.errors import UserError
 from capjax.metrics import cider_jax
-from test_train import _batch
-from test_train import _init
-from test_train import _step_config
+from capjax.objectives import scst
+from conftest import REPO
+from conftest import coco_config
+from conftest import coco_data_source
+from conftest import init_model
+from conftest import random_batch
+from conftest import step_config
+from conftest import tiny_coco_training
+from configs import coco_scst
+from configs import test as test_configs
 
 
 def _scst_config(test_config, kind='jit', baseline='greedy'):
-  config = _step_config(test_config, kind)
+  config = step_config(test_config, kind)
   config.train.objective = 'scst'
   config.scst.baseline = baseline
   config.scst.num_samples = 3
@@ -30,9 +45,9 @@ def _scst_config(test_config, kind='jit', baseline='greedy'):
 
 
 def _scst_batch(config, seed=0):
-  batch = _batch(config, seed)
+  batch = random_batch(config, seed)
   r = config.scst.max_references
-  references = _batch(config, seed + 100)['captions']
+  references = random_batch(config, seed + 100)['captions']
   while references.shape[1] < r:
     references = np.concatenate([references, references[:, :1]], 1)
   references = references[:, :r].copy()
@@ -48,15 +63,15 @@ def _table(batch):
 
 
 def test_samples_follow_the_model_and_its_bans(test_config):
-  config = _step_config(test_config)
-  model, _, state = _init(config)
+  config = step_config(test_config)
+  model, _, state = init_model(config)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  images = jnp.asarray(_batch(config)['image'][:6])
+  images = jnp.asarray(random_batch(config)['image'][:6])
   max_len, min_words = 7, 2
 
   @jax.jit
   def run(variables, rng):
-    cache = model.apply(variables, images, method='decode_prepare')
+    cache = model.apply(variables, images, method=model.decode_prepare)
     return decode.sample(model, variables, cache, rng, num_samples=4,
                          max_len=max_len, temperature=0.7,
                          min_words=min_words, ban_unk=True)
@@ -91,7 +106,7 @@ def test_samples_follow_the_model_and_its_bans(test_config):
 
 
 def _run(config, steps=2):
-  model, _, state = _init(config)
+  model, _, state = init_model(config)
   tx = optax.adam(1e-2)
   state = state.replace(opt_state=tx.init(state.params))
   initial = jax.tree.map(np.array, state.params)
@@ -142,12 +157,15 @@ class _RecordingModel:
                          jax.random.key_data(rngs['dropout']))
     return self._model.apply(*args, rngs=rngs, **kwargs)
 
+  def __getattr__(self, name):  # The methods `apply` is given.
+    return getattr(self._model, name)
+
 
 def test_sampling_and_dropout_draw_from_independent_keys(test_config,
                                                           monkeypatch):
   config = _scst_config(test_config)
   config.scst.ce_weight = 0.5  # The cross-entropy term uses dropout.
-  model, tx, state = _init(config)
+  model, tx, state = init_model(config)
   sample_keys, dropout_keys = [], []
   sample = decode.sample
 
@@ -208,7 +226,7 @@ def test_bad_scst_settings_are_named(test_config, field, value, match):
   config = _scst_config(test_config, baseline='mean')
   config.scst[field] = value
   with pytest.raises(UserError, match=match):
-    scst.check_config(config)
+    scst.check(config)
 
 
 def test_scst_steps_raise_the_reward_they_optimise(test_config):
@@ -216,7 +234,7 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
   the sign of the reward (flip it and the greedy CIDEr-D falls)."""
   config = _scst_config(test_config)
   config.scst.update(num_samples=6, min_words=1)
-  model, _, state = _init(config)
+  model, _, state = init_model(config)
   tx = optax.adam(3e-3)
   state = state.replace(opt_state=tx.init(state.params))
   par = parallel.Parallel(config)
@@ -230,7 +248,7 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
   def greedy_cider(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
     cache = model.apply(variables, host_batch['image'],
-                        method='decode_prepare')
+                        method=model.decode_prepare)
     # The greedy caption the step's baseline decodes, scored as it is.
     s = config.scst
     tokens = decode.sample(model, variables, cache, None, num_samples=1,
@@ -253,21 +271,14 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
 
 
 def test_coco_scst_config_runs_on_mock_data(tmp_path):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from capjax import train  # pylint: disable=g-import-not-at-top
-  from capjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from capjax.data import prepare  # pylint: disable=g-import-not-at-top
-  from configs import coco_scst  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from test_datasets import _coco_config, _coco_data_source, _tiny_coco_training
-  ce = _tiny_coco_training(_coco_config())
+  ce = tiny_coco_training(coco_config())
   # No ImageNet weights for the tiny encoder: random, frozen for its 2 steps.
   ce.model.encoder.pretrained = ''
   ce.train.allow_random_frozen_encoder = True
-  config = _tiny_coco_training(_coco_config(coco_scst.get_config))
-  ce.decode.after_training = config.decode.after_training = ''
+  config = tiny_coco_training(coco_config(coco_scst.get_config))
+  ce.evals.test.every_steps = config.evals.test.every_steps = -1
   config.init_from = str(tmp_path / 'ce')
-  with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
+  with tfds.testing.mock_data(as_data_source_fn=coco_data_source):
     train.train_and_evaluate(ce, str(tmp_path / 'ce'))
     with pytest.raises(UserError, match='init_from'):
       bad = config.copy_and_resolve_references()
@@ -275,8 +286,10 @@ def test_coco_scst_config_runs_on_mock_data(tmp_path):
       train.train_and_evaluate(bad, str(tmp_path / 'none'))
     state = train.train_and_evaluate(config, str(tmp_path / 'scst'))
     data = prepare.prepare(config, str(tmp_path / 'scst'))
+    objective = objectives.make(config, data)
     batch = next(iter(pipeline.train_dataset(
-        config, data.source(config.data.train_split), data.vocab)))
+        config, data.source(config.data.train_split), data.vocab,
+        references=objective.references)))
   assert int(state.step) == 2
   # COCO images have 5 to 7 captions: the batches carry them all, up to 7
   # rows, the missing ones <pad>.
@@ -287,9 +300,8 @@ def test_coco_scst_config_runs_on_mock_data(tmp_path):
 
 
 def test_init_from_must_be_the_same_model(test_config, tmp_path):
-  from capjax import train  # pylint: disable=g-import-not-at-top
   test_config.train.num_steps = 1
-  test_config.eval.num_batches = 0
+  test_config.evals.val.every_steps = -1
   train.train_and_evaluate(test_config, str(tmp_path / 'a'))
   for init_from, match in ((tmp_path / 'missing', 'neither a workdir'),
                            (tmp_path / 'a', 'another model')):
@@ -314,10 +326,8 @@ def test_init_from_must_be_the_same_model(test_config, tmp_path):
 
 def _val_cider(workdir) -> dict[int, float]:
   """Validation CIDEr-D by step, as the run's checkpoints recorded it."""
-  from capjax import checkpoint  # pylint: disable=g-import-not-at-top
-  from configs import test  # pylint: disable=g-import-not-at-top
   checkpoints = checkpoint.Checkpoints(str(workdir / 'checkpoints'),
-                                       test.get_config(), create=False)
+                                       test_configs.get_config(), create=False)
   try:
     return {step: checkpoints.manager.metrics(step)['val_CIDEr']
             for step in checkpoints.steps()}
@@ -329,14 +339,11 @@ def _val_cider(workdir) -> dict[int, float]:
 def test_shapes_scst_phase_raises_validation_cider(tmp_path):
   """The README's two shapes commands, the second shortened to 200 steps
   (about 7 minutes on 2 CPU cores)."""
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from conftest import REPO  # pylint: disable=g-import-not-at-top
   # One CPU device and XLA's optimisations: this trains for minutes.
   env = dict(os.environ, XLA_FLAGS='', JAX_DISABLE_MOST_OPTIMIZATIONS='0')
   common = [f'--config.data.data_dir={tmp_path / "tfds"}',
-            '--config.decode.after_training=']
+            '--config.evals.test.every_steps=-1',
+            '--config.evals.test_novel.every_steps=-1']
 
   def run(*args):
     subprocess.run([sys.executable, '-m', 'capjax.main', *args, *common],
@@ -345,7 +352,7 @@ def test_shapes_scst_phase_raises_validation_cider(tmp_path):
   run('--config=configs/shapes.py', f'--workdir={tmp_path / "ce"}')
   run('--config=configs/shapes_scst.py', f'--workdir={tmp_path / "scst"}',
       f'--config.init_from={tmp_path / "ce"}', '--config.train.num_steps=200',
-      '--config.eval.every_steps=100',
+      '--config.evals.val.every_steps=100',
       '--config.train.checkpoint_every_steps=100')
   before = _val_cider(tmp_path / 'ce')[2200]
   after = _val_cider(tmp_path / 'scst')

@@ -1,6 +1,5 @@
 """The train step, its two data-parallel wrappers, and the training job."""
 
-import functools
 import json
 import os
 import shutil
@@ -10,169 +9,17 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from capjax import models
-from capjax import optimizer
-from capjax import parallel
-from capjax import losses
-from capjax import state as state_lib
 from capjax import train
-from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
 from conftest import REPO
-
-VOCAB_SIZE = 12
-
-
-def _step_config(test_config, kind='jit'):
-  config = test_config
-  config.parallel = kind
-  config.batch_size = 16
-  config.data.captions_per_image = 2
-  config.data.max_len = 7
-  # Deterministic per device count: no dropout, BatchNorm on running stats.
-  config.model.decoder.dropout = 0.0
-  config.model.encoder.freeze_bn = True
-  return config
-
-
-def _batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  b, k, l = config.batch_size, config.data.captions_per_image, config.data.max_len
-  captions = rng.integers(4, VOCAB_SIZE, (b, k, l)).astype(np.int32)
-  captions[..., 0] = vocab_lib.BOS
-  lengths = rng.integers(2, l, (b, k))
-  for i in range(b):
-    for j in range(k):
-      captions[i, j, lengths[i, j]] = vocab_lib.EOS
-      captions[i, j, lengths[i, j] + 1:] = vocab_lib.PAD
-  size = config.data.image_size
-  # uint8 pixels as the pipeline sends them; after the model's ImageNet
-  # normalisation, about standard normal.
-  pixels = np.clip(rng.normal(117, 58, (b, size, size, 3)), 0, 255)
-  return {'image': pixels.astype(np.uint8),
-          'captions': captions, 'mask': np.ones(b, bool),
-          'image/id': np.arange(b)}
-
-
-def _init(config):
-  model = models.build_captioner(config.model, VOCAB_SIZE)
-  state = jax.jit(functools.partial(state_lib.create, config, model,
-                                    None))(jax.random.key(0))
-  tx = optimizer.make(config, state.params)
-  return model, tx, state
-
-
-def test_caption_losses():
-  logits = jnp.zeros((2, 1, 3, 5))  # Uniform over 5 words.
-  captions = jnp.array([[[1, 4, 2, 0]], [[1, 4, 4, 2]]])
-  alphas = jnp.full((2, 1, 3, 2), 0.5)  # Two positions, half each.
-  mask = jnp.array([True, False])  # The second image is padding.
-  sums = losses.caption_losses(logits, captions, alphas, mask, 0.0)
-  assert int(sums['tokens']) == 2 and int(sums['captions']) == 1
-  np.testing.assert_allclose(sums['ce'], 2 * np.log(5), rtol=1e-6)
-  # Two valid steps of 0.5 per position: sum_t alpha = 1, no penalty.
-  np.testing.assert_allclose(sums['penalty'], 0.0, atol=1e-7)
-  alphas = alphas.at[0, 0, :, 0].set(1.0).at[0, 0, :, 1].set(0.0)
-  sums = losses.caption_losses(logits, captions, alphas, mask, 0.0)
-  np.testing.assert_allclose(sums['penalty'], ((1 - 2) ** 2 + 1) / 2)
-
-
-def _single_device_run(config, model, tx, state, batches, rng):
-  """The reference: one device holding the whole global batch."""
-  step = jax.jit(jax.vmap(
-      functools.partial(train.train_step, model=model, tx=tx, config=config),
-      in_axes=(None, 0, None), out_axes=0, axis_name=parallel.AXIS))
-  for batch in batches:
-    out, _ = step(state, jax.tree.map(lambda x: x[None], batch), rng)
-    state = jax.tree.map(lambda x: x[0], out)
-  return state
-
-
-@pytest.mark.parametrize('kind', ['jit', 'pmap'])
-def test_data_parallel_equals_one_device(test_config, kind):
-  assert jax.device_count() == 8
-  config = _step_config(test_config, kind)
-  model, _, state = _init(config)
-  # Plain SGD: Adam divides by the gradients' own scale, which turns float
-  # rounding (sums in another order on 8 devices) into visible differences
-  # for parameters whose gradients are nearly zero.
-  tx = optax.sgd(0.05)
-  state = state.replace(opt_state=tx.init(state.params))
-  initial = jax.tree.map(np.array, state.params)  # The step donates `state`.
-  batches = [_batch(config, seed) for seed in range(3)]
-  rng = jax.random.key(1)
-  want = _single_device_run(config, model, tx, state, batches, rng)
-
-  par = parallel.Parallel(config)
-  step = par.step(functools.partial(train.train_step, model=model, tx=tx,
-                                    config=config))
-  got = par.put_state(state)
-  for batch in batches:
-    got, metrics = step(got, par.put_batch(batch), rng)
-  got = par.get_state(got)
-  assert int(got.step) == 3 and not bool(metrics['nonfinite'])
-  # The encoder trains too (frozen=False), so every parameter is compared.
-  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
-                       initial, want.params)
-  assert max(jax.tree.leaves(moved)) > 1e-4
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5,
-                                                       atol=2e-6),
-               got.params, want.params)
-
-
-def test_step_compiles_once(test_config):
-  config = _step_config(test_config)
-  model, tx, state = _init(config)
-  traces = []
-
-  def counted(*args):
-    traces.append(1)
-    return train.train_step(*args, model=model, tx=tx, config=config)
-  par = parallel.Parallel(config)
-  step = par.step(counted)
-  state = par.put_state(state)
-  for seed in range(3):
-    state, _ = step(state, par.put_batch(_batch(config, seed)),
-                    jax.random.key(0))
-  assert len(traces) == 1
-
-
-def test_nonfinite_step_is_skipped_and_stops_the_job(test_config):
-  config = _step_config(test_config)
-  model, tx, state = _init(config)
-  par = parallel.Parallel(config)
-  step = par.step(functools.partial(train.train_step, model=model, tx=tx,
-                                    config=config))
-  batch = _batch(config)
-  # The model also takes float pixels; a NaN one poisons the loss.
-  batch['image'] = batch['image'].astype(np.float32)
-  batch['image'][0, 0, 0, 0] = np.nan
-  before = jax.tree.map(np.array, state.params)
-  new, metrics = step(par.put_state(state), par.put_batch(batch),
-                      jax.random.key(0))
-  assert bool(metrics['nonfinite']) and int(new.step) == 1
-  jax.tree.map(np.testing.assert_array_equal, new.params, before)
-
-  class Writer:
-    def write_scalars(self, *args):
-      raise AssertionError('no metrics are written for a failed step')
-  with pytest.raises(UserError, match='NaN/Inf at step 12'):
-    train._write_train_metrics(
-        Writer(), config, 12, [{'nonfinite': np.bool_(True),
-                                'loss': np.float32(np.nan)}])
-
-
-def test_batch_must_divide_over_devices(test_config):
-  test_config.batch_size = 12
-  with pytest.raises(UserError, match='not divisible by the 8 devices'):
-    parallel.Parallel(test_config)
-
+from conftest import coco_config
+from conftest import coco_data_source
+from conftest import tiny_coco_training
+from conftest import torch_state_dict
 
 def _params(workdir):
   """The newest checkpoint's parameters, read back from disk."""
@@ -269,7 +116,7 @@ def _job(workdir, data_dir, steps, *extra):
        # interrupted run and the reference; a constant rate does not.
        '--config.train.schedule=constant',
        '--config.train.checkpoint_every_steps=1000',
-       '--config.eval.every_steps=1000', *extra],
+       '--config.evals.val.every_steps=1000', *extra],
       cwd=REPO, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -306,17 +153,13 @@ def test_coco_config_trains_on_mock_data(tmp_path):
   # pylint: disable-next=g-import-not-at-top
   from safetensors import numpy as safetensors_numpy
   from capjax import pretrained  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from test_datasets import _coco_config, _coco_data_source, _tiny_coco_training
-  # pylint: disable-next=g-import-not-at-top
-  from test_pretrained import _torch_state_dict
-  config = _tiny_coco_training(_coco_config())
+  config = tiny_coco_training(coco_config())
   # The config's ImageNet weights, as a local file of the tiny encoder's.
-  weights = {k: v for k, v in _torch_state_dict('resnet_tiny', 0).items()
+  weights = {k: v for k, v in torch_state_dict('resnet_tiny', 0).items()
              if not k.startswith('fc.')}
   safetensors_numpy.save_file(weights, str(tmp_path / 'tiny.safetensors'))
   config.model.encoder.pretrained = str(tmp_path / 'tiny.safetensors')
-  with tfds.testing.mock_data(as_data_source_fn=_coco_data_source):
+  with tfds.testing.mock_data(as_data_source_fn=coco_data_source):
     state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert int(state.step) == 2
   # The config's final test decode ran over the (mock) Karpathy test split.
@@ -355,7 +198,7 @@ def test_frozen_phase_then_fine_tuning(test_config, tmp_path):
   config.batch_size = 32
   config.train.encoder_from_step = 2
   config.train.allow_random_frozen_encoder = True  # Random, frozen 2 steps.
-  config.eval.num_batches = 0
+  config.evals.val.every_steps = -1
   workdir = str(tmp_path / 'run')
   config.train.num_steps = 0
   initial = jax.tree.map(np.asarray, train.train_and_evaluate(config, workdir))

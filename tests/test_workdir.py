@@ -1,4 +1,5 @@
-"""The one-trainer lock of a workdir (capjax.workdir)."""
+"""What a workdir holds (capjax.workdir): paths, config.json, vocab.json, the
+trained state, and the one-trainer lock."""
 
 import json
 import os
@@ -8,12 +9,140 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
+from capjax import models
 from capjax import train
 from capjax import workdir
+from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
 from conftest import REPO
+from configs import test as test_configs
+
+
+def test_paths():
+  w = os.path.join('runs', 'shapes')
+  assert workdir.config_path(w) == os.path.join(w, 'config.json')
+  assert workdir.vocab_path(w) == os.path.join(w, vocab_lib.FILENAME)
+  # Absolute, as orbax wants it, wherever the job was started.
+  assert workdir.checkpoints_dir(w) == os.path.join(os.getcwd(), w,
+                                                    'checkpoints')
+  assert workdir.decode_results_path(w, 'test', 30) == os.path.join(
+      w, 'decode', 'test_step30.json')
+  assert workdir.decode_metrics_path(w, 'test', 30) == os.path.join(
+      w, 'decode', 'test_step30_metrics.json')
+
+
+def _as_json(config):
+  return json.loads(config.to_json_best_effort())
+
+
+def test_config_roundtrip(tmp_path):
+  config = test_configs.get_config()
+  config.train.num_steps = 17  # Not a default: read from the file.
+  config.data.data_dir = str(tmp_path / 'tfds')
+  path = tmp_path / 'new'  # Made by write_config.
+  workdir.write_config(str(path), config)
+  assert os.listdir(path) == ['config.json']  # No temporary file left.
+  loaded = workdir.load_config(str(path))
+  assert _as_json(loaded) == _as_json(config)
+  assert loaded.train.num_steps == 17
+  # Written again (a resumed run): replaced, not appended to.
+  config.train.num_steps = 18
+  workdir.write_config(str(path), config)
+  assert workdir.load_config(str(path)).train.num_steps == 18
+
+
+def test_only_process_0_writes_the_config(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  workdir.write_config(str(tmp_path), test_configs.get_config())
+  assert not os.listdir(tmp_path)
+
+
+def test_config_of_an_older_workdir_gets_newer_defaults(tmp_path):
+  config = test_configs.get_config()
+  saved = _as_json(config)
+  del saved['train']['discard_data_state']  # A field added later.
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  loaded = workdir.load_config(str(tmp_path))
+  assert loaded.train.discard_data_state is False
+  # What the file holds still wins over the defaults.
+  assert loaded.data.image_size == config.data.image_size
+  assert loaded.model.encoder.arch == config.model.encoder.arch
+
+
+def test_what_is_missing_says_how_to_train(tmp_path):
+  missing = str(tmp_path / 'nowhere')
+  for load in (workdir.load_config, workdir.load_vocab):
+    with pytest.raises(UserError, match=(
+        rf'--workdir={missing} does not exist; train one first: '
+        rf'python -m capjax.main .*--workdir={missing}')):
+      load(missing)
+  empty = str(tmp_path)
+  with pytest.raises(UserError, match='has no config.json; train one first'):
+    workdir.load_config(empty)
+  with pytest.raises(UserError, match='has no vocab.json; train one first'):
+    workdir.load_vocab(empty)
+  (tmp_path / 'config.json').write_text('{"data": ')
+  with pytest.raises(UserError, match='cannot read .*config.json'):
+    workdir.load_config(empty)
+  config = test_configs.get_config()
+  vocab = vocab_lib.Vocab(vocab_lib.SPECIALS + ('a',))
+  model = models.build_captioner(config.model, len(vocab))
+  with pytest.raises(UserError, match='does not exist; train one first'):
+    workdir.restore_trained(missing, config, vocab, model)
+  with pytest.raises(UserError, match='has no checkpoints/; train one first'):
+    workdir.restore_trained(empty, config, vocab, model)
+
+
+@pytest.fixture(scope='module')
+def trained(trained_workdir):
+  config = workdir.load_config(trained_workdir)
+  vocab = workdir.load_vocab(trained_workdir)
+  model = models.build_captioner(config.model, len(vocab),
+                                 config.data.normalization)
+  return trained_workdir, config, vocab, model
+
+
+def test_the_training_job_config_and_vocab_read_back(trained):
+  path, config, vocab, _ = trained
+  # configs/test.py as the fixture trained it.
+  assert config.train.num_steps == 3
+  assert config.evals.val.every_steps == -1
+  assert config.data.builder_config == 'tiny'
+  assert len(vocab) > len(vocab_lib.SPECIALS)
+  assert vocab == vocab_lib.Vocab.load(workdir.vocab_path(path))
+
+
+def test_restore_trained_latest_or_a_step_on_any_sharding(trained):
+  path, config, vocab, model = trained
+  state, step = workdir.restore_trained(path, config, vocab, model)
+  assert step == 3 and int(state.step) == 3
+  leaf = jax.tree.leaves(state.params)[0]
+  assert leaf.sharding == jax.sharding.SingleDeviceSharding(
+      jax.local_devices()[0])
+  # Replicated over a mesh, as the decode jobs place it.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  again, step = workdir.restore_trained(path, config, vocab, model,
+                                        replicated, step=3)
+  assert step == 3
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(again.params)):
+    assert b.sharding == replicated
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_restore_trained_refuses_what_does_not_match(trained):
+  path, config, vocab, model = trained
+  with pytest.raises(UserError, match='no checkpoint of step 2 in'):
+    workdir.restore_trained(path, config, vocab, model, step=2)
+  other = vocab_lib.Vocab(vocab.words + ('zebra',))
+  other_model = models.build_captioner(config.model, len(other),
+                                       config.data.normalization)
+  with pytest.raises(UserError, match='another model or vocabulary'):
+    workdir.restore_trained(path, config, other, other_model)
 
 _HOLD = '''
 import sys, time

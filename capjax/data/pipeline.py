@@ -82,14 +82,9 @@ class Preprocess:
     }
 
 
-def _preprocess(config: ml_collections.ConfigDict, vocab: Vocab) -> Preprocess:
+def _preprocess(config: ml_collections.ConfigDict, vocab: Vocab,
+                references: int = 0) -> Preprocess:
   d = config.data
-  if d.captions_per_image < 1 or d.max_len < 3:
-    raise UserError('--config.data.captions_per_image must be >= 1 and '
-                    '--config.data.max_len >= 3 (<bos>, a word, <eos>)')
-  references = 0
-  if config.train.objective == 'scst':
-    references = config.scst.max_references
   return Preprocess(vocab, d.image_size, d.captions_per_image, d.max_len,
                     references)
 
@@ -113,14 +108,16 @@ def _finish(ds: grain.MapDataset, config) -> grain.IterDataset:
 
 
 def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
-                  vocab: Vocab, *, process_index: int | None = None,
+                  vocab: Vocab, *, references: int = 0,
+                  process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
   """Endless shuffled batches: this process's share of each global batch.
 
   Batches: `image` [b, S, S, 3] uint8, `captions` [b, K, L] int32,
   `image/id` [b] int64, `mask` [b] bool (all true), with b the per-process
-  batch size; for self-critical training also `references` [b, R, L], every
-  caption of each image (up to R, then rows of <pad>). Process p's batch i
+  batch size; with `references` R > 0 (what the objective asks for) also
+  `references` [b, R, L], every caption of each image (up to R, then rows
+  of <pad>). Process p's batch i
   is rows p*b..(p+1)*b-1 of global batch i, so N processes train on exactly
   the batches one process would.
   """
@@ -136,7 +133,8 @@ def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
   # of processes: every process shuffles alike, and takes its own contiguous
   # block of each global batch. Grain computes only the blocks it reads.
   ds = ds.shuffle(seed=config.seed).repeat()  # Reshuffled every epoch.
-  ds = ds.random_map(_preprocess(config, vocab), seed=config.seed)
+  ds = ds.random_map(_preprocess(config, vocab, references),
+                     seed=config.seed)
   ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
   return _finish(ds, config)
 
@@ -155,8 +153,8 @@ def eval_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
   batch = batch_size or process_batch_size(config, process_count)
   n = len(source)
   if not n:
-    raise UserError('the evaluation split is empty; check '
-                    '--config.data.eval_split')
+    raise UserError('the split to evaluate is empty; check the split names '
+                    'of --config.evals and --config.decode.split')
   steps = -(-n // (batch * process_count))  # ceil
   full = grain.MapDataset.source(source)
   ds = full[process_index::process_count]

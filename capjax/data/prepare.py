@@ -48,6 +48,10 @@ class Data:
       build_copy(self.builder, names, d.image_size)
     return resized.ResizedSource(self.builder, split, d.image_size)
 
+  def references(self, split: str) -> dict[int, list[str]]:
+    """Every caption of every image of `split`, by image id."""
+    return datasets.references(self.builder, split)
+
 
 def build_copy(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
                image_size: int) -> None:
@@ -97,13 +101,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
     raise UserError(f'--config.data.image_size={d.image_size} must be a '
                     'positive number of pixels')
   builder = datasets.prepare(d, force=force)
-  for split in (d.train_split, d.eval_split):
+  # The splits the job reads: a misspelt one fails now, not hours in.
+  used = [d.train_split] + [e.split for e in config.evals.values()
+                            if e.every_steps >= 0]
+  for split in used:
     datasets.check_split(builder, split)
   if force and d.resized_copy:
     # --mode=prepare: every split, so that later jobs never wait for one.
     splits = list(builder.info.splits) or [
-        n for s in (d.train_split, d.eval_split) for n in
-        datasets.split_names(s)]
+        n for s in used for n in datasets.split_names(s)]
     build_copy(builder, splits, d.image_size)
   path = os.path.join(workdir, vocab_lib.FILENAME)
   if not os.path.exists(path):

@@ -14,12 +14,20 @@ Variables: params {'encoder', 'decoder'} and batch_stats {'encoder'}.
                                rngs={'dropout': key})
   # A trainable encoder with live BatchNorm (frozen=False, freeze_bn=False)
   # also needs mutable=['batch_stats'] when train=True.
-  cache = model.apply(variables, images, method='decode_prepare')
-  # The same from features = model.apply(variables, images, method='encode'):
-  # method='prepare' for the cache, method='teacher_forcing' for the logits.
-  carry = model.apply(variables, cache, beam, method='decode_initial_carry')
+  cache = model.apply(variables, images, method=model.decode_prepare)
+  carry = model.apply(variables, cache, beam,
+                      method=model.decode_initial_carry)
   carry, logits, alpha = model.apply(variables, carry, tokens, cache,
-                                     method='decode_step')
+                                     method=model.decode_step)
+  # The same from images encoded once, for several uses:
+  features = model.apply(variables, images, method=model.encode)
+  logits, alphas = model.apply(variables, features, captions,
+                               method=model.teacher_forcing)
+  cache = model.apply(variables, features, method=model.prepare)
+
+Methods are passed as the bound methods of the module `apply` is called on
+(`method=model.encode`): flax takes the unbound function, so this works as
+well on a `model.clone(...)` and under `jax.jit`.
 """
 
 from typing import Any
@@ -93,9 +101,11 @@ class CaptionModel(nn.Module):
     self.encoder = resnet.build(self.arch, variant=self.variant,
                                 dtype=self.dtype)
     self.decoder = decoder_lib.Decoder(
-        vocab_size=self.vocab_size, embed_dim=self.embed_dim,
-        hidden_dim=self.hidden_dim, attention_dim=self.attention_dim,
-        dropout_rate=self.dropout_rate, dtype=self.dtype, unroll=self.unroll)
+        decoder_lib.AttentionLSTMCell(
+            vocab_size=self.vocab_size, embed_dim=self.embed_dim,
+            hidden_dim=self.hidden_dim, attention_dim=self.attention_dim,
+            dropout_rate=self.dropout_rate, dtype=self.dtype),
+        unroll=self.unroll)
 
   def encode(self, images: Array, train: bool = False) -> Array:
     """images [B, S, S, 3] (pixels, 0..255) -> features [B, P, C]."""

@@ -13,18 +13,20 @@ from a grid of image features a = {a_1, ..., a_P}, a_i in R^C. At step t:
 with (c_0, h_0) from two MLPs of the mean feature (Sec. 3.1.2).
 
 `AttentionLSTMCell` owns every parameter and computes one step. `Decoder`
-wraps it with the methods beam search and training call:
+holds the cell (as `nn.RNN` does) and adds the methods beam search and
+training call:
 
+  decoder = Decoder(AttentionLSTMCell(vocab_size, embed_dim=512, ...))
   variables = decoder.init({'params': key}, features, tokens)
   logits, alphas = decoder.apply(variables, features, tokens, train=True,
                                  rngs={'dropout': key})       # teacher forcing
-  cache = decoder.apply(variables, features, method='prepare')
-  carry = decoder.apply(variables, cache, k, method='initial_carry')
+  cache = decoder.apply(variables, features, method=decoder.prepare)
+  carry = decoder.apply(variables, cache, k, method=decoder.initial_carry)
   carry, logits, alpha = decoder.apply(variables, carry, tokens, cache,
-                                       method='step')
+                                       method=decoder.step)
 
 Teacher forcing scans the very cell `step` calls, so both paths share one
-parameter tree and one code path.
+parameter tree (params/cell/...) and one code path.
 
 Shapes: B images, K hypotheses per image (K captions in training, K beams in
 beam search), L time steps, P feature positions, C feature channels, A
@@ -178,27 +180,21 @@ class AttentionLSTMCell(nn.Module):
 class Decoder(nn.Module):
   """The caption decoder: teacher forcing by `nn.scan`, and single steps.
 
-  Attributes: those of `AttentionLSTMCell`, which holds all parameters under
-  params/cell.
+  Teacher forcing lifts the cell itself with `nn.scan`, as `nn.RNN` does,
+  so the cell's fields are not repeated here. It stays a submodule of this
+  module rather than becoming the decoder: checkpoints hold its parameters
+  under params/decoder/cell/..., and a scanned cell in the captioner's place
+  would drop the 'cell' level, so those checkpoints would no longer restore.
+
+  Attributes:
+    cell: the step, holding every parameter (under params/cell).
+    unroll: lax.scan's `unroll`; True unrolls every step. Only for counting
+      FLOPs: XLA's cost analysis counts a loop body once, whatever its trip
+      count.
   """
 
-  vocab_size: int
-  embed_dim: int = 512
-  hidden_dim: int = 512
-  attention_dim: int = 512
-  dropout_rate: float = 0.5
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  # lax.scan's `unroll`; True unrolls every step. Only for counting FLOPs:
-  # XLA's cost analysis counts a loop body once, whatever its trip count.
+  cell: AttentionLSTMCell
   unroll: int | bool = 1
-
-  def setup(self):
-    self.cell = AttentionLSTMCell(
-        vocab_size=self.vocab_size, embed_dim=self.embed_dim,
-        hidden_dim=self.hidden_dim, attention_dim=self.attention_dim,
-        dropout_rate=self.dropout_rate, dtype=self.dtype,
-        param_dtype=self.param_dtype)
 
   def prepare(self, features: Array) -> Cache:
     """features [B, P, C] -> the per-image cache `step` reads."""

@@ -43,6 +43,7 @@ from capjax import decode
 from capjax import losses
 from capjax import parallel
 from capjax import state as state_lib
+from capjax.objectives import common
 from capjax.data.vocab import EOS, PAD, Vocab
 from capjax.errors import UserError
 from capjax.metrics import cider_jax
@@ -51,7 +52,8 @@ BASELINES = ('greedy', 'mean')
 EXAMPLES = 2  # Sampled captions of one image returned for the logs.
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check(config: ml_collections.ConfigDict) -> None:
+  """A one-line UserError for settings SCST cannot train with."""
   s = config.scst
   if s.baseline not in BASELINES:
     raise UserError(f'unknown --config.scst.baseline={s.baseline!r}; choose '
@@ -67,6 +69,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                     ' (<bos>, the words, <eos>)')
   if s.max_references < 1:
     raise UserError('--config.scst.max_references must be >= 1')
+
+
+def make(config: ml_collections.ConfigDict,
+         data: common.Data) -> common.Objective:
+  """The SCST step, its reward's document frequencies (of the training
+  references) and the references its batches must carry."""
+  table = document_frequencies(data.references(config.data.train_split),
+                               data.vocab, config)
+  return common.Objective(step=train_step, constants=(table,),
+                          references=config.scst.max_references,
+                          needs_init_from=True)
 
 
 def mean_of_others(reward: jax.Array) -> jax.Array:
@@ -125,8 +138,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
     features = model.apply(variables, batch['image'],
-                           method='encode')  # [B, P, C], once per image
-    cache = model.apply(variables, features, method='prepare')
+                           method=model.encode)  # [B, P, C], once per image
+    cache = model.apply(variables, features, method=model.prepare)
     samples = decode.sample(model, variables, cache, sample_rng,
                             num_samples=s.num_samples,
                             temperature=s.temperature, **sampling)
@@ -158,7 +171,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
     loss = sums['pg'] / jax.lax.psum(sums['tokens'], parallel.AXIS)
     if s.ce_weight:
       logits, alphas = model.apply(variables, features, batch['captions'],
-                                   train=True, method='teacher_forcing',
+                                   train=True, method=model.teacher_forcing,
                                    rngs={'dropout': dropout_rng})
       ce = losses.caption_losses(logits, batch['captions'], alphas, mask,
                                 config.train.label_smoothing)

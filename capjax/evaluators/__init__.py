@@ -1,0 +1,31 @@
+"""Evaluators: what is measured of a model, each built from a config entry.
+
+`config.evals` holds one entry per evaluator, by name, each with a `type`
+(a key of `TYPES`) and `every_steps` (run every that many training steps and
+at the last; 0: once, after training, with the final state; -1: never).
+Each evaluator has `run(state, step, writer) -> metrics`; the training loop
+runs them, and the evaluation jobs (`capjax.evaluate`) run `DecodeSplit`.
+"""
+
+import ml_collections
+
+from capjax import parallel
+from capjax.evaluators.decode_split import DecodeSplit
+from capjax.evaluators.validation import Validation
+
+TYPES = {'validation': Validation, 'decode_split': DecodeSplit}
+
+__all__ = ['DecodeSplit', 'TYPES', 'Validation', 'build']
+
+
+def build(config: ml_collections.ConfigDict, *, par: parallel.Parallel,
+          model, data, workdir: str) -> dict[str, Validation | DecodeSplit]:
+  """The evaluators of `config.evals` that ever run, by name."""
+  out = {}
+  for name, settings in config.evals.items():
+    if settings.every_steps < 0:
+      continue
+    kind = TYPES[settings.type]  # Names checked by config.check.
+    out[name] = kind(name, settings, config=config, par=par, model=model,
+                     data=data, workdir=workdir)
+  return out

@@ -1,0 +1,95 @@
+"""What the evaluators share: search options, batched decoding, scoring on
+process 0, and agreeing on its results."""
+
+from collections.abc import Callable, Mapping
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from capjax import decode
+from capjax import metrics as metrics_lib
+from capjax.data.vocab import Vocab
+from capjax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+  """How captions are searched for; see `decode.search`."""
+  beam_size: int = 1
+  alpha: float = 0.0
+  ban_unk: bool = True
+  ban_repeated_trigrams: bool = False
+
+  def __post_init__(self):
+    if self.beam_size < 1:
+      raise UserError(f'beam_size={self.beam_size} must be >= 1')
+
+  @classmethod
+  def of(cls, section: ml_collections.ConfigDict, **changes) -> 'SearchOptions':
+    """The options in `config.decode`, with `changes`."""
+    fields = {f.name: section[f.name] for f in dataclasses.fields(cls)}
+    return cls(**(fields | changes))
+
+
+def search_rows(model, variables, batch: Mapping[str, jax.Array], *,
+                max_len: int, options: SearchOptions,
+                features: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Per device: the best caption of each image of `batch`, as rows.
+
+  From `features` [b, P, C] when the caller has encoded the images already.
+  The ids and the mask travel with the captions, so that rows and ids match
+  whatever order the devices' shards are gathered in.
+  """
+  search = dict(max_len=max_len, mask=batch['mask'],
+                **dataclasses.asdict(options))
+  if features is None:
+    out = decode.beam_search(model, variables, batch['image'], **search)
+  else:
+    out = decode.beam_search_features(model, variables, features, **search)
+  return {'tokens': out.tokens[:, 0],  # [b, T]
+          'image/id': batch['image/id'], 'mask': batch['mask']}
+
+
+def captions_of(rows: Mapping[str, np.ndarray], vocab: Vocab) -> dict[int, str]:
+  """`search_rows` of every process, fetched -> captions of the real images
+  by image id (padding rows dropped)."""
+  return {int(i): vocab.decode(tokens) for tokens, i, real
+          in zip(rows['tokens'], rows['image/id'], rows['mask']) if real}
+
+
+def score_captions(references: dict[int, list[str]], captions: dict[int, str],
+                   meteor: str) -> dict[str, float]:
+  """The caption metrics of `captions` against their images' references."""
+  missing = set(captions) - set(references)
+  if missing:
+    raise UserError(f'{len(missing)} decoded image ids have no references, '
+                    f'e.g. {sorted(missing)[:3]}')
+  return metrics_lib.score({i: references[i] for i in captions}, captions,
+                           meteor=meteor)
+
+
+def on_chief(fn: Callable[[], Any]) -> Any:
+  """`fn()` run by process 0 only (scoring: METEOR starts Java, CIDEr
+  counts n-grams; once is enough), its JSON-able result sent to all."""
+  value = fn() if jax.process_index() == 0 else None
+  if jax.process_count() == 1:
+    return value
+  payload = json.dumps(value).encode() if value is not None else b''
+  size = multihost_utils.broadcast_one_to_all(np.int64(len(payload))).item()
+  buffer = np.zeros(size, np.uint8)  # Process 0's fills it; the others' not.
+  buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+  buffer = multihost_utils.broadcast_one_to_all(buffer)
+  return json.loads(np.asarray(buffer).tobytes().decode())
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes whole, then renames: a reader never sees half a file."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + '.tmp', path)

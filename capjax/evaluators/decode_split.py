@@ -1,0 +1,119 @@
+"""Decoding a whole split: COCO results files and the metrics papers report.
+
+Each run writes, on process 0, in WORKDIR/decode/:
+
+  <split>_step<STEP>.json          [{"image_id", "caption"}]: the COCO
+                                   results format, the official caption
+                                   evaluation's input
+  <split>_step<STEP>_metrics.json  BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and
+                                   how they were made
+
+and logs the metrics as `<split>/<metric>`. Every image of the split is
+decoded exactly once across all devices and processes: the batches are
+padded and masked (`pipeline.eval_dataset`), and the padding rows dropped by
+their mask. The search options are those of `config.decode`.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+
+import jax
+import ml_collections
+
+from capjax import metrics as metrics_lib
+from capjax import parallel
+from capjax import workdir as workdir_lib
+from capjax.data import pipeline
+from capjax.errors import UserError
+from capjax.evaluators import common
+
+
+def _search(state, batch, *, model, **options):
+  """Per device: the best caption of each image of `batch`."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return common.search_rows(model, variables, batch, **options)
+
+
+class DecodeSplit:
+  """The `decode_split` evaluator; `settings` is its `config.evals` entry
+  (`split`, `every_steps`)."""
+
+  def __init__(self, name: str, settings: ml_collections.ConfigDict, *,
+               config: ml_collections.ConfigDict, par: parallel.Parallel,
+               model, data, workdir: str):
+    self.name = name
+    self.every_steps = settings.every_steps
+    self.split = settings.split
+    self._config = config
+    self._par = par
+    self._data = data
+    self._workdir = workdir
+    self.options = common.SearchOptions.of(config.decode)
+    self._search = par.map(functools.partial(
+        _search, model=model, max_len=config.data.max_len,
+        options=self.options))
+
+  def done(self, step: int) -> bool:
+    """Whether `step` has been decoded and scored already."""
+    return os.path.exists(
+        workdir_lib.decode_metrics_path(self._workdir, self.split, step))
+
+  def captions(self, state) -> dict[int, str]:
+    """Captions of every image of the split, by image id."""
+    batch_size = self._config.decode.batch_size or self._config.batch_size
+    if batch_size % jax.device_count():
+      raise UserError(f'--config.decode.batch_size={batch_size} is not '
+                      f'divisible by the {jax.device_count()} devices')
+    batches = pipeline.eval_dataset(
+        self._config, self._data.source(self.split), self._data.vocab,
+        batch_size=batch_size // jax.process_count())
+    captions = {}
+    for batch in batches:
+      rows = {k: batch[k] for k in ('image', 'image/id', 'mask')}
+      out = self._par.fetch(self._search(state, self._par.put_batch(rows)))
+      captions.update(common.captions_of(out, self._data.vocab))
+    return captions
+
+  def run(self, state, step: int, writer) -> dict[str, float]:
+    """Decodes the split, scores it and writes the results files."""
+    start = time.perf_counter()
+    captions = self.captions(state)
+    seconds = time.perf_counter() - start
+    info = {
+        'split': self.split, 'step': step, 'images': len(captions),
+        'search': dataclasses.asdict(self.options),
+        'decode_seconds': round(seconds, 3),
+        'captions_per_second': round(len(captions) / seconds, 1),
+    }
+    metrics = common.on_chief(functools.partial(self._score, captions, info))
+    writer.write_scalars(step,
+                         {f'{self.split}/{k}': v for k, v in metrics.items()})
+    return metrics
+
+  def _score(self, captions: dict[int, str], info: dict) -> dict[str, float]:
+    """On process 0: the metrics, the results files and the table."""
+    references = self._data.references(self.split)
+    if set(captions) != set(references):  # The padding and masking's promise.
+      raise RuntimeError(f'decoded {len(captions)} of {len(references)} '
+                         'images')
+    metrics = common.score_captions(references, captions,
+                                    self._config.decode.meteor)
+    os.makedirs(workdir_lib.decode_dir(self._workdir), exist_ok=True)
+    step = info['step']
+    common.write_json(
+        workdir_lib.decode_results_path(self._workdir, self.split, step),
+        [{'image_id': i, 'caption': captions[i]} for i in sorted(captions)])
+    common.write_json(
+        workdir_lib.decode_metrics_path(self._workdir, self.split, step),
+        {'metrics': metrics, **info})
+    print(table(metrics, info), flush=True)
+    return metrics
+
+
+def table(metrics: dict[str, float], info: dict) -> str:
+  """The metrics of one decoded split, as printed."""
+  return (f'{info["split"]} at step {info["step"]}, beam '
+          f'{info["search"]["beam_size"]}, {info["captions_per_second"]:g} '
+          f'captions/s:\n' + metrics_lib.format_table(metrics, info['images']))

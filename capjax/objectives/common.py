@@ -1,0 +1,36 @@
+"""What every training objective gives the loop."""
+
+from collections.abc import Callable
+import dataclasses
+from typing import Any, Protocol
+
+from capjax.data.vocab import Vocab
+
+
+class Data(Protocol):
+  """What an objective may read of the prepared dataset (`prepare.Data`)."""
+  vocab: Vocab
+
+  def references(self, split: str) -> dict[int, list[str]]:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A training objective, as the loop runs it.
+
+  Attributes:
+    step: `step(state, batch, rng, *constants, model=, tx=, config=) ->
+      (state, metrics)`, written for one device's share of the batch (see
+      `capjax.parallel`); metrics are reduced over devices.
+    constants: arrays every step reads and none changes (a lookup table),
+      placed on the devices once.
+    references: R > 0: the batches must carry `references` [b, R, L], every
+      caption of each image (up to R).
+    needs_init_from: a fresh run must start from another run's model
+      (`--config.init_from`).
+  """
+  step: Callable[..., tuple[Any, dict[str, Any]]]
+  constants: tuple[Any, ...] = ()
+  references: int = 0
+  needs_init_from: bool = False

@@ -1,0 +1,357 @@
+"""Checkpoints (capjax.checkpoint) on a small pytree: what a user sees when
+a save or a restore goes wrong, and what each job imports."""
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from capjax import checkpoint
+from capjax.errors import UserError
+
+# Not conftest's: the jobs these tests start import this module, and must
+# import no more than a job would.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The state of the disk-full scenario: 256 KiB of random floats, which no
+# compression shrinks.
+_SHAPE = (256, 256)
+
+
+def _config():
+  from configs import test  # pylint: disable=g-import-not-at-top
+  return test.get_config()
+
+
+def _meta(hidden_dim=16, dropout=0.0):
+  return {'model': {'decoder': {'hidden_dim': hidden_dim,
+                                'dropout': dropout}},
+          'vocab': {'size': 12, 'sha256': 'abc'}}
+
+
+def _iterator(position=0):
+  import grain  # pylint: disable=g-import-not-at-top
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  for _ in range(position):
+    next(iterator)
+  return iterator
+
+
+def _state(value=1.0, leaves=1, shape=(4,)):
+  return {'params': {f'w{i}': np.full(shape, value + i, np.float32)
+                     for i in range(leaves)},
+          'batch_stats': {'mean': np.full((2,), value, np.float32)},
+          'step': np.int32(value)}
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      state)
+
+
+def _save(directory, steps, leaves=1, shape=(4,), meta=None):
+  """Checkpoints of `steps`, the state of step s filled with s."""
+  ckpt = checkpoint.Checkpoints(str(directory), _config())
+  iterator = _iterator()
+  for step in steps:
+    next(iterator)
+    ckpt.save(step, _state(step, leaves, shape), iterator, meta or _meta())
+  ckpt.close()
+
+
+def _python(code, *args, **kwargs):
+  """Runs `code` in a new Python process, as a job would start."""
+  env = dict(os.environ,
+             PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
+  return subprocess.run([sys.executable, '-c', code, *map(str, args)],
+                        cwd=REPO, env=env, text=True, capture_output=True,
+                        timeout=120, **kwargs)
+
+
+# ------------------------------------------------------------- a full disk
+
+def test_a_full_disk_is_one_line_naming_the_last_good_step(tmp_path,
+                                                           monkeypatch):
+  """Whichever call reports the failed write (a later save, wait or close)
+  raises one line; other errors pass as they are."""
+  directory = tmp_path / 'checkpoints'
+  _save(directory, [1])
+  ckpt = checkpoint.Checkpoints(str(directory), _config())
+  ckpt.save(2, _state(2, shape=(1024,)), _iterator(2), _meta())
+  ckpt.wait()
+  shutil.rmtree(directory / '2')  # As if its write had failed.
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda _: types.SimpleNamespace(free=3 * 2**29))
+  # The text tensorstore gives, and the error Python's own writes give.
+  tensorstore = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "params/w0/0" in OCDBT database at '
+      f'local file "{directory}/2.orbax-checkpoint-tmp/state/": Failed to '
+      'write 188758 bytes to file 4: No space left on device '
+      "[os_error_code='28']")
+  python = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  for error in (tensorstore, python):
+    monkeypatch.setattr(ckpt.manager, 'wait_until_finished', _raise(error))
+    for call in (ckpt.wait, ckpt.close, lambda: ckpt.save(
+        3, _state(3, shape=(1024,)), _iterator(3), _meta())):
+      with pytest.raises(UserError) as raised:
+        call()
+      message = str(raised.value)
+      assert '\n' not in message
+      # The state saved last: 1024 + 2 floats and the step.
+      assert message == (
+          f'no space left for checkpoints in {directory}: a checkpoint needs '
+          'about 4.0 KiB and 1.5 GiB are free. The last good checkpoint is '
+          'step 1: free some space, then run again to resume from it')
+  monkeypatch.setattr(ckpt.manager, 'wait_until_finished',
+                      _raise(ValueError('another error')))
+  with pytest.raises(ValueError, match='another error'):
+    ckpt.wait()
+  monkeypatch.undo()
+  ckpt.close()
+
+
+def _raise(error):
+  def fail():
+    raise error
+  return fail
+
+
+def _fill(root, leave):
+  """Fills the filesystem of `root` but for `leave` bytes; returns the
+  filler's path."""
+  path = os.path.join(root, 'filler')
+  with open(path, 'wb') as f:
+    f.write(b'\0' * (shutil.disk_usage(root).free - leave))
+  return path
+
+
+def _in_a_small_tmpfs(tmp_path, size, *argv, timeout):
+  """Runs `argv` with a tmpfs of `size` at tmp_path/mnt, seen by it alone
+  (a mount namespace); skips where the machine allows none."""
+  mount_point = tmp_path / 'mnt'
+  mount_point.mkdir()
+  if not shutil.which('unshare'):
+    pytest.skip('needs unshare (util-linux) to mount a small tmpfs')
+
+  def run(size, *argv, **kwargs):
+    return subprocess.run(
+        ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
+         f'mount -t tmpfs -o size={size} capjax-test "{mount_point}" && '
+         'exec "$@"', 'sh', *map(str, argv)],
+        text=True, capture_output=True, check=False, **kwargs)
+  probe = run('1m', 'true')
+  if probe.returncode:
+    pytest.skip('needs user and mount namespaces (unshare --user '
+                '--map-root-user --mount) to mount a small tmpfs, which '
+                f'this machine refuses: {probe.stderr.strip()}')
+  return mount_point, run(size, *argv, cwd=REPO, timeout=timeout, env=dict(
+      os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO,
+                                                                 'tests')])))
+
+
+def _disk_full_scenario(root):
+  """Fills the filesystem of `root` after step 1, then saves step 2.
+
+  Prints, as JSON, the error that reached the caller, and what a new
+  `Checkpoints` restores once space is freed.
+  """
+  directory = os.path.join(root, 'checkpoints')
+  state = {'params': {'w': np.random.default_rng(0).random(_SHAPE,
+                                                            np.float32)}}
+  ckpt = checkpoint.Checkpoints(directory, _config())
+  iterator = _iterator(1)
+  ckpt.save(1, state, iterator, _meta())
+  ckpt.wait()
+  filler = _fill(root, leave=64 * 1024)
+  message = None
+  try:
+    # Step 2's write fails in the background; the call after it reports it.
+    next(iterator)
+    ckpt.save(2, state, iterator, _meta())
+    next(iterator)
+    ckpt.save(3, state, iterator, _meta())
+    ckpt.wait()
+  except UserError as e:
+    message = str(e)
+  ckpt.close()  # Quiet once the error was reported.
+  listing = sorted(os.listdir(directory))
+  os.remove(filler)
+  ckpt = checkpoint.Checkpoints(directory, _config())
+  iterator = _iterator()
+  restored, step = ckpt.restore(_abstract(state), iterator, _meta())
+  position = int(next(iterator))
+  # The resumed run writes step 2 again, over what is left of it.
+  ckpt.save(2, restored, iterator, _meta())
+  ckpt.close()
+  print(json.dumps({
+      'message': message, 'listing': listing, 'step': step,
+      'same': bool(np.array_equal(restored['params']['w'],
+                                  state['params']['w'])),
+      'next': position, 'after': sorted(os.listdir(directory))}))
+
+
+# What is free once the disk is full, in the message.
+_SOME = r'[0-9.]+ (B|KiB)'
+
+
+def test_a_really_full_disk_keeps_earlier_checkpoints(tmp_path):
+  """A small tmpfs, filled up, as the user's disk would be: the real error
+  of the real write, reported as one line, with nothing else on stderr."""
+  mount_point, proc = _in_a_small_tmpfs(
+      tmp_path, '2m', sys.executable, '-c',
+      'import sys, test_checkpoint; '
+      'test_checkpoint._disk_full_scenario(sys.argv[1])', tmp_path / 'mnt',
+      timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.splitlines()[-1])
+  assert re.fullmatch(
+      f'no space left for checkpoints in {mount_point}/checkpoints: a '
+      f'checkpoint needs about 256.0 KiB and {_SOME} are free. The last good '
+      'checkpoint is step 1: free some space, then run again to resume from '
+      'it', result['message'] or ''), (result['message'], proc.stderr[-3000:])
+  # Not a line of orbax's or tensorstore's report of it.
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert 'RESOURCE_EXHAUSTED' not in proc.stderr, proc.stderr[-3000:]
+  # Step 1 is intact and resumes exactly, data position included; what
+  # was written of step 2 is not taken for a checkpoint, and is replaced
+  # when the resumed run saves step 2.
+  first, unfinished = result['listing']
+  assert first == '1' and unfinished.startswith('2.orbax-checkpoint-tmp')
+  assert result['step'] == 1 and result['same'] and result['next'] == 1
+  assert result['after'] == ['1', '2']
+
+
+def _train_on_a_full_disk(root, data_dir):
+  """Trains 3 steps in `root`, fills its disk and trains on to step 6, then
+  frees it and trains again; prints what each run left on stderr."""
+  def train(steps):
+    return subprocess.run(
+        [sys.executable, '-m', 'capjax.main', '--config=configs/test.py',
+         f'--workdir={root}/run', f'--config.data.data_dir={data_dir}',
+         f'--config.train.num_steps={steps}'],
+        cwd=REPO, text=True, capture_output=True, timeout=500, check=False)
+  runs = [train(3)]
+  # Room for the logs of steps 4 to 6, not for a checkpoint (~3 MB).
+  filler = _fill(root, leave=512 * 1024)
+  runs.append(train(6))
+  os.remove(filler)
+  runs.append(train(6))
+  print(json.dumps({
+      'runs': [(r.returncode, r.stderr) for r in runs],
+      'steps': sorted(os.listdir(os.path.join(root, 'run', 'checkpoints')))}))
+
+
+@pytest.mark.slow
+def test_training_on_a_full_disk_stops_with_one_line(shapes_data_dir,
+                                                     tmp_path):
+  mount_point, proc = _in_a_small_tmpfs(
+      tmp_path, '16m', sys.executable, '-c',
+      'import sys, test_checkpoint; '
+      'test_checkpoint._train_on_a_full_disk(*sys.argv[1:])',
+      tmp_path / 'mnt', shapes_data_dir, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.splitlines()[-1])
+  (first, _), (code, err), (again, again_err) = result['runs']
+  assert first == 0 and again == 0, again_err[-3000:]
+  assert code == 1
+  assert re.fullmatch(
+      f'capjax: error: no space left for checkpoints in {mount_point}/run/'
+      f'checkpoints: a checkpoint needs about [0-9.]+ MiB and {_SOME} are '
+      'free. The last good checkpoint is step 3: free some space, then run '
+      'again to resume from it', err.strip().splitlines()[-1]), err[-3000:]
+  assert 'Traceback' not in err and 'RESOURCE_EXHAUSTED' not in err, (
+      err[-3000:])
+  assert result['steps'] == ['3', '6']
+
+
+# --------------------------------------------------- an unreadable newest step
+
+_RESTORE = '''
+import sys
+from capjax import checkpoint
+import test_checkpoint as t
+ckpt = checkpoint.Checkpoints(sys.argv[1], t._config())
+iterator = t._iterator()
+state, step = ckpt.restore(t._abstract(t._state(0, leaves=40)), iterator,
+                           t._meta())
+ckpt.close()
+print(step, float(state['params']['w0'][0]), next(iterator))
+'''
+
+
+def test_a_missing_manifest_falls_back_quietly(tmp_path):
+  """tensorstore's callbacks for the other leaves find orbax's event loop
+  closed; that is no news for the user."""
+  directory = tmp_path / 'checkpoints'
+  # Many leaves: their reads are in flight when the first one fails.
+  _save(directory, [1, 2], leaves=40)
+  (directory / '2' / 'state' / 'manifest.ocdbt').unlink()
+  proc = _python(_RESTORE, directory)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ['1', '1.0', '1']
+  assert 'Event loop is closed' not in proc.stderr, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert 'Checkpoint 2 is unreadable' in proc.stderr
+  assert sorted(os.listdir(directory)) == ['1', 'unreadable-2']
+
+
+# ------------------------------------------------------ another model's steps
+
+def test_another_models_checkpoint_is_named_by_each_reader(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  _save(directory, [1])
+  state = _state()
+  other = _meta(hidden_dim=24)
+  ckpt = checkpoint.Checkpoints(str(directory), _config())
+  with pytest.raises(UserError, match=(
+      rf'^the checkpoints in {directory} belong to another model or '
+      r'vocabulary \(model.decoder.hidden_dim: 16 -> 24\); use a new '
+      '--workdir')):
+    ckpt.restore(_abstract(state), _iterator(), other)
+  with pytest.raises(UserError, match=(
+      rf'^checkpoint 1 in {directory} belongs to another model or vocabulary '
+      r'\(model.decoder.hidden_dim: 16 -> 24\); decode with the config')):
+    ckpt.restore_state(_abstract(state), other)
+  ckpt.close()
+  abstract = types.SimpleNamespace(**_abstract(state))
+  with pytest.raises(UserError, match=(
+      rf'^--config.init_from={tmp_path} holds another model or vocabulary '
+      r'\(model.decoder.hidden_dim: 16 -> 24\); start from a run')):
+    checkpoint.load_weights(str(tmp_path), _config(), abstract, other)
+  # A dropout rate leaves the parameters as they are.
+  params, batch_stats, step = checkpoint.load_weights(
+      str(tmp_path), _config(), abstract, _meta(dropout=0.3))
+  assert step == 1
+  np.testing.assert_array_equal(params['w0'], state['params']['w0'])
+  np.testing.assert_array_equal(batch_stats['mean'],
+                                state['batch_stats']['mean'])
+
+
+# ----------------------------------------------------------------- imports
+
+def test_restoring_a_state_imports_no_input_pipeline(tmp_path):
+  """Captioning loads a trained state: grain and TFDS are not needed."""
+  directory = tmp_path / 'checkpoints'
+  _save(directory, [1, 2])
+  proc = _python('''
+import sys
+from capjax import checkpoint
+import test_checkpoint as t
+assert 'grain' not in sys.modules
+ckpt = checkpoint.Checkpoints(sys.argv[1], t._config(), create=False)
+state, step = ckpt.restore_state(t._abstract(t._state()), t._meta())
+ckpt.close()
+print(step, float(state['params']['w0'][0]))
+print(sorted(m for m in ('grain', 'tensorflow_datasets', 'tensorflow')
+             if m in sys.modules))
+''', directory)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines() == ['2 2.0', '[]']

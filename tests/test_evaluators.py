@@ -1,0 +1,79 @@
+"""The evaluators: built from config.evals, validation's one encoder pass."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from capjax import config as config_lib
+from capjax import evaluators
+from capjax import models
+from capjax import parallel
+from capjax import state as state_lib
+from capjax.data import pipeline
+from capjax.data import prepare
+from capjax.errors import UserError
+from capjax.evaluators import common
+from capjax.evaluators import validation
+
+
+def _convolutions(fn, *args) -> int:
+  # Every convolution of the traced program, nested loops included.
+  return str(jax.make_jaxpr(fn)(*args)).count('conv_general_dilated')
+
+
+def test_validation_runs_the_encoder_once_per_batch(test_config, tmp_path):
+  config = test_config
+  data = prepare.prepare(config, str(tmp_path))
+  model = models.build_captioner(config.model, len(data.vocab))
+  state = state_lib.create(config, model, None, jax.random.key(0))
+  batch = next(iter(pipeline.eval_dataset(
+      config, data.source('validation'), data.vocab)))
+  options = common.SearchOptions.of(config.decode, beam_size=2)
+  validate = functools.partial(validation._validate, model=model,
+                               config=config, options=options)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  encoder = _convolutions(
+      lambda v, x: model.apply(v, x, method=model.encode), variables,
+      batch['image'])
+  assert encoder > 0
+  # Loss and beam search from the same features: the encoder's convolutions
+  # once, not once for the loss and again for the search.
+  assert _convolutions(validate, state, batch) == encoder
+
+
+def test_build_follows_config_evals(test_config, tmp_path):
+  config = test_config
+  config.evals.test.every_steps = 0
+  config.evals.novel = config_lib.decode_split('test_novel', every_steps=4)
+  config.evals.val.every_steps = -1  # Off: not built.
+  data = prepare.prepare(config, str(tmp_path))
+  model = models.build_captioner(config.model, len(data.vocab))
+  built = evaluators.build(config, par=parallel.Parallel(config), model=model,
+                           data=data, workdir=str(tmp_path))
+  assert sorted(built) == ['novel', 'test']
+  assert isinstance(built['test'], evaluators.DecodeSplit)
+  assert (built['test'].split, built['test'].every_steps) == ('test', 0)
+  assert (built['novel'].split, built['novel'].every_steps) == (
+      'test_novel', 4)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('type', 'bleu', "is not an evaluator"),
+    ('every_steps', -2, 'must be an integer >= -1'),
+    ('num_batches', 0, 'would validate nothing'),
+    ('beam_size', 0, 'must be an integer >= 1'),
+    ('split', '', 'split is empty'),
+])
+def test_config_check_names_the_bad_entry(field, value, match):
+  config = config_lib.defaults()
+  config.evals.val[field] = value
+  with pytest.raises(UserError, match=match) as e:
+    config_lib.check(config)
+  assert 'evals.val' in str(e.value)
+
+
+def test_on_chief_returns_the_value_in_one_process():
+  assert common.on_chief(lambda: {'CIDEr': 1.5}) == {'CIDEr': 1.5}
+  assert np.isclose(common.on_chief(lambda: 0.25), 0.25)
