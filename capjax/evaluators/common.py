@@ -76,16 +76,29 @@ def score_captions(references: dict[int, list[str]], captions: dict[int, str],
 
 def on_chief(fn: Callable[[], Any]) -> Any:
   """`fn()` run by process 0 only (scoring: METEOR starts Java, CIDEr
-  counts n-grams; once is enough), its JSON-able result sent to all."""
-  value = fn() if jax.process_index() == 0 else None
+  counts n-grams; once is enough), its JSON-able result sent to all.
+
+  A UserError of `fn` is raised on every process, so that none waits
+  forever for a result that will not come.
+  """
   if jax.process_count() == 1:
-    return value
-  payload = json.dumps(value).encode() if value is not None else b''
-  size = multihost_utils.broadcast_one_to_all(np.int64(len(payload))).item()
+    return fn()
+  if jax.process_index() == 0:
+    try:
+      payload = {'value': fn()}
+    except UserError as e:
+      payload = {'error': str(e)}
+  else:
+    payload = {}
+  data = json.dumps(payload).encode() if payload else b''
+  size = multihost_utils.broadcast_one_to_all(np.int64(len(data))).item()
   buffer = np.zeros(size, np.uint8)  # Process 0's fills it; the others' not.
-  buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+  buffer[:len(data)] = np.frombuffer(data, np.uint8)
   buffer = multihost_utils.broadcast_one_to_all(buffer)
-  return json.loads(np.asarray(buffer).tobytes().decode())
+  payload = json.loads(np.asarray(buffer).tobytes().decode())
+  if 'error' in payload:
+    raise UserError(payload['error'])
+  return payload['value']
 
 
 def write_json(path: str, value: Any) -> None:

@@ -96,8 +96,8 @@ class DecodeSplit:
     """On process 0: the metrics, the results files and the table."""
     references = self._data.references(self.split)
     if set(captions) != set(references):  # The padding and masking's promise.
-      raise RuntimeError(f'decoded {len(captions)} of {len(references)} '
-                         'images')
+      raise UserError(f'decoded {len(captions)} of the {len(references)} '
+                      f'images of {self.split}: its image ids are not unique')
     metrics = common.score_captions(references, captions,
                                     self._config.decode.meteor)
     os.makedirs(workdir_lib.decode_dir(self._workdir), exist_ok=True)
