@@ -8,7 +8,9 @@ orbax's finalisation) so that a resumed run continues exactly:
   meta   the model config and vocabulary the state belongs to
 
 The latest `train.keep_checkpoints` steps are kept, plus the one with the
-best validation metric.
+best validation metric. A write that runs out of disk space is reported as
+one line (`UserError`) naming the step to resume from; the steps before it
+stay as they are.
 """
 
 import contextlib
@@ -31,9 +33,9 @@ from capjax import config as config_lib
 from capjax.data.vocab import Vocab
 from capjax.errors import UserError
 
-# grain is imported where a data iterator is saved or restored: loading a
-# trained state to caption images (`restore_state`) needs neither grain nor
-# the TFDS it brings along.
+# grain is imported only where a data iterator is saved or restored:
+# loading a trained state to caption images (`restore_state`) must import no
+# input pipeline, neither grain nor tensorflow_datasets.
 if TYPE_CHECKING:
   import grain  # pylint: disable=g-import-not-at-top
 

@@ -57,23 +57,23 @@ def _abstract(state):
                       state)
 
 
-def _save(directory, steps, leaves=1, shape=(4,), meta=None):
+def _save(directory, steps, leaves=1):
   """Checkpoints of `steps`, the state of step s filled with s."""
   ckpt = checkpoint.Checkpoints(str(directory), _config())
   iterator = _iterator()
   for step in steps:
     next(iterator)
-    ckpt.save(step, _state(step, leaves, shape), iterator, meta or _meta())
+    ckpt.save(step, _state(step, leaves), iterator, _meta())
   ckpt.close()
 
 
-def _python(code, *args, **kwargs):
+def _python(code, *args):
   """Runs `code` in a new Python process, as a job would start."""
   env = dict(os.environ,
              PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
   return subprocess.run([sys.executable, '-c', code, *map(str, args)],
                         cwd=REPO, env=env, text=True, capture_output=True,
-                        timeout=120, **kwargs)
+                        timeout=120, check=False)
 
 
 # ------------------------------------------------------------- a full disk
@@ -110,6 +110,12 @@ def test_a_full_disk_is_one_line_naming_the_last_good_step(tmp_path,
           f'no space left for checkpoints in {directory}: a checkpoint needs '
           'about 4.0 KiB and 1.5 GiB are free. The last good checkpoint is '
           'step 1: free some space, then run again to resume from it')
+  # Before the first step is complete, there is nothing to resume from.
+  shutil.rmtree(directory / '1')
+  with pytest.raises(UserError, match=(
+      r'free\. No checkpoint is complete yet: free some space, then run '
+      'again$')):
+    ckpt.wait()
   monkeypatch.setattr(ckpt.manager, 'wait_until_finished',
                       _raise(ValueError('another error')))
   with pytest.raises(ValueError, match='another error'):
@@ -141,11 +147,11 @@ def _in_a_small_tmpfs(tmp_path, size, *argv, timeout):
   if not shutil.which('unshare'):
     pytest.skip('needs unshare (util-linux) to mount a small tmpfs')
 
-  def run(size, *argv, **kwargs):
+  def run(tmpfs_size, *command, **kwargs):
     return subprocess.run(
         ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
-         f'mount -t tmpfs -o size={size} capjax-test "{mount_point}" && '
-         'exec "$@"', 'sh', *map(str, argv)],
+         f'mount -t tmpfs -o size={tmpfs_size} capjax-test "{mount_point}" '
+         '&& exec "$@"', 'sh', *map(str, command)],
         text=True, capture_output=True, check=False, **kwargs)
   probe = run('1m', 'true')
   if probe.returncode:
@@ -212,11 +218,12 @@ def test_a_really_full_disk_keeps_earlier_checkpoints(tmp_path):
       timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.splitlines()[-1])
+  message = result['message'] or ''
   assert re.fullmatch(
-      f'no space left for checkpoints in {mount_point}/checkpoints: a '
-      f'checkpoint needs about 256.0 KiB and {_SOME} are free. The last good '
-      'checkpoint is step 1: free some space, then run again to resume from '
-      'it', result['message'] or ''), (result['message'], proc.stderr[-3000:])
+      f'no space left for checkpoints in {re.escape(str(mount_point))}/'
+      rf'checkpoints: a checkpoint needs about 256\.0 KiB and {_SOME} are '
+      r'free\. The last good checkpoint is step 1: free some space, then run '
+      'again to resume from it', message), (message, proc.stderr[-3000:])
   # Not a line of orbax's or tensorstore's report of it.
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert 'RESOURCE_EXHAUSTED' not in proc.stderr, proc.stderr[-3000:]
@@ -263,10 +270,11 @@ def test_training_on_a_full_disk_stops_with_one_line(shapes_data_dir,
   assert first == 0 and again == 0, again_err[-3000:]
   assert code == 1
   assert re.fullmatch(
-      f'capjax: error: no space left for checkpoints in {mount_point}/run/'
-      f'checkpoints: a checkpoint needs about [0-9.]+ MiB and {_SOME} are '
-      'free. The last good checkpoint is step 3: free some space, then run '
-      'again to resume from it', err.strip().splitlines()[-1]), err[-3000:]
+      'capjax: error: no space left for checkpoints in '
+      f'{re.escape(str(mount_point))}/run/checkpoints: a checkpoint needs '
+      rf'about [0-9.]+ MiB and {_SOME} are free\. The last good checkpoint is '
+      'step 3: free some space, then run again to resume from it',
+      err.strip().splitlines()[-1]), err[-3000:]
   assert 'Traceback' not in err and 'RESOURCE_EXHAUSTED' not in err, (
       err[-3000:])
   assert result['steps'] == ['3', '6']
@@ -311,20 +319,21 @@ def test_another_models_checkpoint_is_named_by_each_reader(tmp_path):
   state = _state()
   other = _meta(hidden_dim=24)
   ckpt = checkpoint.Checkpoints(str(directory), _config())
+  where = re.escape(str(directory))
   with pytest.raises(UserError, match=(
-      rf'^the checkpoints in {directory} belong to another model or '
-      r'vocabulary \(model.decoder.hidden_dim: 16 -> 24\); use a new '
-      '--workdir')):
+      rf'^the checkpoints in {where} belong to another model or vocabulary '
+      r'\(model.decoder.hidden_dim: 16 -> 24\); use a new --workdir')):
     ckpt.restore(_abstract(state), _iterator(), other)
   with pytest.raises(UserError, match=(
-      rf'^checkpoint 1 in {directory} belongs to another model or vocabulary '
+      rf'^checkpoint 1 in {where} belongs to another model or vocabulary '
       r'\(model.decoder.hidden_dim: 16 -> 24\); decode with the config')):
     ckpt.restore_state(_abstract(state), other)
   ckpt.close()
   abstract = types.SimpleNamespace(**_abstract(state))
   with pytest.raises(UserError, match=(
-      rf'^--config.init_from={tmp_path} holds another model or vocabulary '
-      r'\(model.decoder.hidden_dim: 16 -> 24\); start from a run')):
+      rf'^--config.init_from={re.escape(str(tmp_path))} holds another model '
+      r'or vocabulary \(model.decoder.hidden_dim: 16 -> 24\); start from a '
+      'run')):
     checkpoint.load_weights(str(tmp_path), _config(), abstract, other)
   # A dropout rate leaves the parameters as they are.
   params, batch_stats, step = checkpoint.load_weights(
