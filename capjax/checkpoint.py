@@ -124,6 +124,21 @@ def _check_same_model(saved: dict[str, Any], meta_data: dict[str, Any],
                     f'({"; ".join(differences[:5])}); {fix}')
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, leaving JAX's preemption sync point to
+  `capjax.preemption`.
+
+  JAX keeps one step per process, the last one asked about. orbax's
+  save-finalising thread asks about the saved step after the loop has moved
+  on; if a preemption notice were settled then, with process 0 ahead of the
+  others, they would agree on a step process 0 has passed, and hang.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False  # orbax only logs it: capjax saves with force=True.
+
+
 class Checkpoints:
   """An orbax CheckpointManager for `DIR/checkpoints`."""
 
@@ -146,7 +161,7 @@ class Checkpoints:
                       '(--mode=train with the same --workdir)')
     _quiet_reported_failures()
     self._state_bytes = 0  # Of the state saved last: what a step needs.
-    self.manager = ocp.CheckpointManager(
+    self.manager = _Manager(
         directory,
         options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, create=create,

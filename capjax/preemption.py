@@ -11,20 +11,26 @@ few steps apart. JAX's distributed runtime agrees on that step for us: its
 preemption sync manager (on by default, `jax_enable_preemption_service`),
 started by `jax.distributed.initialize`, installs a SIGTERM handler of its
 own (in C++), and once any process gets the signal, threads in the
-background of every process publish the step each has reached and settle on
-the one after the furthest. `multihost_utils.reached_preemption_sync_point`
-then only reads that number under a lock: no collective, nothing waits on
-the devices, so the loop's steps stay asynchronous. It runs on the CPU and
-gloo as on GPUs and TPUs. So, with `jax.distributed`:
+background of every process publish the step each has last asked about and
+settle on the one after the furthest. `stop` then only reads that number
+under a lock (`multihost_utils.reached_preemption_sync_point`, well under a
+microsecond): no collective, nothing waits on the devices, so the steps stay
+asynchronous. It works on the CPU with gloo as on GPUs and TPUs. So, with
+`jax.distributed`:
 
   * SIGTERM is left to JAX's handler. A Python handler would replace it
     (Python does not chain a handler installed from C, and `signal.signal`
     does not even return it), and JAX would never hear of the signal.
   * SIGINT, which JAX does not watch, is handed on to it as a SIGTERM.
-  * A second signal, during the save or after, is noted and ignored.
+  * A second SIGTERM, during the save or later, changes nothing.
+
+The sync manager keeps one step per process, the last one it was asked
+about, so `stop` must be its only caller: orbax's CheckpointManager asks it
+too, from its save-finalizing thread about a step the loop has passed, and
+a notice arriving just then would settle on a step that process is beyond.
 
 One process without `jax.distributed` notes both signals itself and stops at
-the step after the signal.
+the step after the signal, as does a second signal until `restore`.
 """
 
 import signal
@@ -47,8 +53,9 @@ def _sync_manager_running() -> bool:
 
 class Preemption:
   """Notes SIGTERM/SIGINT while installed; `restore` puts back the previous
-  handlers. Install it in the main thread (Python's signal handlers live
-  there); elsewhere it never stops."""
+  handlers. Install it in the main thread: Python runs signal handlers
+  there only, so elsewhere it installs none and stops only for a SIGTERM
+  that JAX handled."""
 
   def __init__(self):
     # What stopped the job, for its log: the name of the signal received.
@@ -91,6 +98,9 @@ class Preemption:
       # A notice that came before any process reached the loop (while it
       # compiled, say) set the stop at step 1, which a resumed job has
       # passed: every process sees that here, at its first step, and stops.
+      # (Asking about step 1 moves this process's step back until the next
+      # line; a notice settled in that instant, with no process yet past
+      # its first step, would stop none of them.)
       early = step > 1 and multihost_utils.reached_preemption_sync_point(1)
     if multihost_utils.reached_preemption_sync_point(step) or early:
       self.signal = self.signal or _ANY_PROCESS

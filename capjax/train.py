@@ -203,17 +203,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
           since = time.perf_counter()  # examples/s counts training only.
         if stop:
           logging.warning('%s received: saved step %d, stopping.',
-                          preemption.signal or 'Another process was stopped',
-                          step)
+                          preemption.signal, step)
           break
       if step >= t.num_steps:
         # After the last checkpoint is safe: the final test decodes.
         for evaluator in at_end.values():
           evaluator.run(state, step, writer)
   finally:
-    preemption.restore()
+    # The handlers stay until the last save is written: a second signal must
+    # not cut it short.
     checkpoints.wait()
     checkpoints.close()
+    preemption.restore()
     writer.close()
   logging.info('Checkpoints in %s; logs (TensorBoard) in %s.',
                checkpoints.directory, os.path.abspath(workdir))

@@ -30,8 +30,8 @@ from conftest import REPO
 FLAGS = ['--config=configs/test.py', '--config.model.decoder.dropout=0.0',
          '--config.model.encoder.freeze_bn=True',
          '--config.train.attention_penalty=0.0',
-         '--config.train.schedule=constant', '--config.eval.num_batches=1',
-         '--config.decode.after_training=test', '--config.decode.meteor=none']
+         '--config.train.schedule=constant', '--config.evals.val.num_batches=1',
+         '--config.evals.test.every_steps=0', '--config.decode.meteor=none']
 
 
 def _run(cmd, env):
@@ -117,7 +117,7 @@ def test_another_process_count_needs_discard_data_state(runs, test_config):
   test_config.train.attention_penalty = 0.0
   test_config.train.schedule = 'constant'
   test_config.train.num_steps = 9
-  test_config.eval.num_batches = 0
+  test_config.evals.val.every_steps = -1
   with pytest.raises(UserError, match='written by 2 processes and this job '
                      'has 1'):
     train.train_and_evaluate(test_config, two)
@@ -188,7 +188,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step(shapes_data_dir,
       except ProcessLookupError:
         pass
   errs = [log.read_text() for log in logs]
-  assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:]
+  assert [p.returncode for p in procs] == [0, 0], '\n'.join(
+      err[-2000:] for err in errs)
   # One step, saved by both and complete: orbax gives the step's folder its
   # name only once every process has written its part.
   checkpoints = os.path.join(workdir, 'checkpoints')
