@@ -121,7 +121,7 @@ def init_model(config):
   return model, tx, state
 
 
-_COCO_WORDS = 'a man woman dog cat riding sitting on the red bench table with'.split()
+COCO_WORDS = 'a man woman dog cat riding sitting on the red bench table with'.split()
 KARPATHY_SIZES = {'train': 12, 'restval': 5, 'val': 4, 'test': 4}
 
 
@@ -140,7 +140,7 @@ def coco_data_source(builder, split, decoders=None, **kwargs):
     offset = list(KARPATHY_SIZES).index(name) * 1000
     for i in range(KARPATHY_SIZES[name]):
       rng = np.random.default_rng(offset + i)
-      captions = [' '.join(rng.choice(_COCO_WORDS, rng.integers(4, 12))).capitalize()
+      captions = [' '.join(rng.choice(COCO_WORDS, rng.integers(4, 12))).capitalize()
                   + '.' for _ in range(rng.integers(5, 8))]
       records.append(features.serialize_example({
           'image': rng.integers(0, 256, (rng.integers(30, 60), 50, 3),

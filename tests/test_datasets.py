@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -13,6 +12,11 @@ from capjax.data import prepare
 from capjax.data import shapes
 from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
+from conftest import coco_config
+from conftest import COCO_WORDS
+from conftest import KARPATHY_SIZES
+from conftest import coco_data_source
+
 
 def test_coco_config_through_mock_data(tmp_path):
   config = coco_config()
@@ -25,7 +29,7 @@ def test_coco_config_through_mock_data(tmp_path):
     assert data.builder.name == 'coco_captions'
     assert data.vocab.source['split'] == 'train+restval'
     # The vocabulary comes from train+restval only, with min_count applied.
-    assert set(data.vocab.words[4:]) <= set(_COCO_WORDS)
+    assert set(data.vocab.words[4:]) <= set(COCO_WORDS)
     assert data.vocab.source['num_captions'] == sum(
         len(coco_data_source(data.builder, s)[i]['captions']['text'])
         for s in ('train', 'restval') for i in range(KARPATHY_SIZES[s]))

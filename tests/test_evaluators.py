@@ -77,3 +77,42 @@ def test_config_check_names_the_bad_entry(field, value, match):
 def test_on_chief_returns_the_value_in_one_process():
   assert common.on_chief(lambda: {'CIDEr': 1.5}) == {'CIDEr': 1.5}
   assert np.isclose(common.on_chief(lambda: 0.25), 0.25)
+
+
+def _as_process(monkeypatch, index, chief_payloads):
+  """This process as process `index` of 2, with broadcasts that hand out
+  what process 0 sends (recorded in `chief_payloads` when index is 0)."""
+  monkeypatch.setattr(jax, 'process_index', lambda: index)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+
+  def broadcast(x):
+    if index == 0:
+      chief_payloads.append(np.asarray(x))
+      return x
+    return chief_payloads.pop(0)
+  monkeypatch.setattr(common.multihost_utils, 'broadcast_one_to_all',
+                      broadcast)
+
+
+def test_only_process_0_scores_and_the_others_get_its_metrics(monkeypatch):
+  sent, calls = [], []
+
+  def score():
+    calls.append(jax.process_index())
+    return {'CIDEr': 1.25}
+  _as_process(monkeypatch, 0, sent)
+  assert common.on_chief(score) == {'CIDEr': 1.25}
+  _as_process(monkeypatch, 1, sent)
+  assert common.on_chief(score) == {'CIDEr': 1.25}
+  assert calls == [0]  # Scored (METEOR's Java started) once.
+
+
+def test_a_scoring_error_reaches_every_process(monkeypatch):
+  sent = []
+
+  def fail():
+    raise UserError('decoded 3 of the 4 images')
+  for index in (0, 1):
+    _as_process(monkeypatch, index, sent)
+    with pytest.raises(UserError, match='decoded 3 of the 4'):
+      common.on_chief(fail)

@@ -112,12 +112,17 @@ def test_references_are_every_caption_in_order():
         VOCAB.encode_batch([t.decode() for t in
                             example['captions']['text'][:kept]], 12))
     assert (out['references'][kept:] == vocab_lib.PAD).all()
+  # The objective says how many references the batches carry; none by
+  # default.
   config = _config()
-  config.train.objective = 'scst'
   batch = next(iter(pipeline.train_dataset(config, _source(8), VOCAB,
                                            process_index=0,
                                            process_count=1)))
-  assert batch['references'].shape == (4, config.scst.max_references, 8)
+  assert 'references' not in batch
+  batch = next(iter(pipeline.train_dataset(config, _source(8), VOCAB,
+                                           references=3, process_index=0,
+                                           process_count=1)))
+  assert batch['references'].shape == (4, 3, 8)
 
 
 def test_train_shards_are_disjoint_and_cover_an_epoch():

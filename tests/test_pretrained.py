@@ -23,6 +23,7 @@ from capjax import config as config_lib
 from capjax import pretrained
 from capjax.errors import UserError
 from capjax.models import resnet
+from conftest import torch_state_dict
 
 # Keras's get_weights() trips a NumPy 2 deprecation, once per layer.
 pytestmark = pytest.mark.filterwarnings(
