@@ -15,10 +15,6 @@ from ml_collections import config_flags
 
 from capjax import config as config_lib
 from capjax import distributed
-from capjax import evaluate
-from capjax import pretrained
-from capjax import train
-from capjax.data import prepare
 from capjax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -43,6 +39,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def run(config, workdir: str, mode: str) -> None:
+  # The jobs load here, once the flags and the config have been checked: a
+  # mistake in them is answered in 0.6 s, not after the 3.4 s that importing
+  # TFDS, grain and the rest takes (2-core CPU).
+  # pylint: disable=g-import-not-at-top
+  from capjax import evaluate
+  from capjax import pretrained
+  from capjax import train
+  from capjax.data import prepare
+  # pylint: enable=g-import-not-at-top
   if mode == 'prepare':
     prepare.prepare(config, workdir, force=True)
     # The encoder's weights too, so that training needs no internet.
