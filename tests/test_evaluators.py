@@ -57,6 +57,8 @@ def test_build_follows_config_evals(test_config, tmp_path):
   assert (built['test'].split, built['test'].every_steps) == ('test', 0)
   assert (built['novel'].split, built['novel'].every_steps) == (
       'test_novel', 4)
+  # Splits decoded alike share one compiled search.
+  assert built['test']._search is built['novel']._search
 
 
 @pytest.mark.parametrize('field, value, match', [

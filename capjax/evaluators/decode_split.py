@@ -36,6 +36,15 @@ def _search(state, batch, *, model, **options):
   return common.search_rows(model, variables, batch, **options)
 
 
+@functools.cache
+def _compiled_search(par: parallel.Parallel, model, max_len: int,
+                     options: common.SearchOptions):
+  # One wrapped (and so one compiled) search for every split decoded alike:
+  # shapes' test and test_novel, a sidecar's every checkpoint.
+  return par.map(functools.partial(_search, model=model, max_len=max_len,
+                                   options=options))
+
+
 class DecodeSplit:
   """The `decode_split` evaluator; `settings` is its `config.evals` entry
   (`split`, `every_steps`)."""
@@ -51,9 +60,8 @@ class DecodeSplit:
     self._data = data
     self._workdir = workdir
     self.options = common.SearchOptions.of(config.decode)
-    self._search = par.map(functools.partial(
-        _search, model=model, max_len=config.data.max_len,
-        options=self.options))
+    self._search = _compiled_search(par, model, config.data.max_len,
+                                    self.options)
 
   def done(self, step: int) -> bool:
     """Whether `step` has been decoded and scored already."""
