@@ -60,9 +60,10 @@ def test_config(shapes_data_dir):
 
 @pytest.fixture(scope='session')
 def trained_workdir(shapes_data_dir, tmp_path_factory) -> str:
-  """A workdir trained for 3 steps of configs/test.py on the tiny shapes
-  build: its config.json, vocab.json and checkpoint 3, for the tests of what
-  reads a trained model back. Only read, never written, by those tests."""
+  """A workdir trained for 6 steps of configs/test.py on the tiny shapes
+  build, validated on one batch: its config.json, vocab.json and checkpoints
+  3 and 6, for the tests of what reads a trained run back. Only read, never
+  written, by those tests (copy it to change it)."""
   # As in the fixtures above: imported only by the sessions that need it.
   # pylint: disable=g-import-not-at-top
   from capjax import train
@@ -70,8 +71,7 @@ def trained_workdir(shapes_data_dir, tmp_path_factory) -> str:
   # pylint: enable=g-import-not-at-top
   config = test.get_config()
   config.data.data_dir = shapes_data_dir
-  config.train.num_steps = 3
-  config.evals.val.every_steps = -1  # No validation: only the model counts.
+  config.evals.val.num_batches = 1
   path = str(tmp_path_factory.mktemp('trained'))
   train.train_and_evaluate(config, path)
   return path

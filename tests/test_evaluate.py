@@ -16,6 +16,7 @@ from capjax import decode
 from capjax import evaluate
 from capjax import models
 from capjax import train
+from capjax import workdir as workdir_lib
 from capjax.data import datasets
 from capjax.data import pipeline
 from capjax.data import prepare
@@ -34,12 +35,16 @@ def _config(shapes_data_dir):
 
 
 @pytest.fixture(scope='module')
-def trained(shapes_data_dir, tmp_path_factory):
-  """A workdir with checkpoints of steps 3 and 6, and its final state."""
-  config = _config(shapes_data_dir)
-  workdir = str(tmp_path_factory.mktemp('run'))
-  state = train.train_and_evaluate(config, workdir)
-  return workdir, state
+def trained(trained_workdir):
+  """The shared workdir (checkpoints 3 and 6; configs/test.py, as `_config`
+  but for the decode settings) and its final state."""
+  config = workdir_lib.load_config(trained_workdir)
+  vocab = workdir_lib.load_vocab(trained_workdir)
+  model = models.build_captioner(config.model, len(vocab))
+  state, step = workdir_lib.restore_trained(trained_workdir, config, vocab,
+                                            model)
+  assert step == 6
+  return trained_workdir, state
 
 
 def _results(workdir, name):
@@ -138,11 +143,13 @@ def test_evaluate_continuously_decodes_new_checkpoints(shapes_data_dir,
 def test_decode_errors(shapes_data_dir, trained, tmp_path):
   config = _config(shapes_data_dir)
   with pytest.raises(UserError, match='no checkpoint in .* train first'):
-    evaluate.decode_checkpoint(config, str(tmp_path))
+    evaluate.decode_checkpoint(config, str(tmp_path / 'empty'))
+  copy = str(tmp_path / 'run')  # The job writes its logs into the workdir.
+  shutil.copytree(trained[0], copy)
   config.decode.checkpoint_step = 4
   with pytest.raises(UserError, match='no checkpoint of step 4 .* 3, 6'):
-    evaluate.decode_checkpoint(config, trained[0])
+    evaluate.decode_checkpoint(config, copy)
   config.decode.checkpoint_step = -1
   config.decode.batch_size = 12
   with pytest.raises(UserError, match='not divisible by the 8 devices'):
-    evaluate.decode_checkpoint(config, trained[0])
+    evaluate.decode_checkpoint(config, copy)

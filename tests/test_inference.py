@@ -111,7 +111,7 @@ def captioner(trained_workdir):
 
 def test_load_trained(trained_workdir):
   trained = inference.load_trained(trained_workdir)
-  assert trained.step == 3
+  assert trained.step == 6
   assert set(trained.variables) == {'params', 'batch_stats'}
   assert trained.config.data.builder_config == 'tiny'
   assert capjax.Captioner is inference.Captioner

@@ -201,10 +201,5 @@ def test_sigterm_to_one_process_stops_both_at_one_step(shapes_data_dir,
     assert f'saved step {step}, stopping' in err
   assert sorted(os.listdir(os.path.join(checkpoints, steps[0], 'data'))) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
-  # And the job continues from it.
-  env = dict(os.environ, NUM_PROCESSES='2', DEVICES_PER_PROCESS='2',
-             PYTHON=sys.executable)
-  _, err = _run(['bash', 'launch/local_multiprocess.sh',
-                 *_preemptible_args(workdir, shapes_data_dir, step + 2)], env)
-  assert f'Restored step {step}' in err
-  assert sorted(map(int, os.listdir(checkpoints))) == [step, step + 2]
+  # Resuming from it is resuming from any checkpoint of the 2 processes:
+  # test_two_processes_resume_from_their_checkpoint.

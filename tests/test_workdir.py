@@ -109,8 +109,8 @@ def trained(trained_workdir):
 def test_the_training_job_config_and_vocab_read_back(trained):
   path, config, vocab, _ = trained
   # configs/test.py as the fixture trained it.
-  assert config.train.num_steps == 3
-  assert config.evals.val.every_steps == -1
+  assert config.train.num_steps == 6
+  assert config.evals.val.num_batches == 1
   assert config.data.builder_config == 'tiny'
   assert len(vocab) > len(vocab_lib.SPECIALS)
   assert vocab == vocab_lib.Vocab.load(workdir.vocab_path(path))
@@ -119,7 +119,7 @@ def test_the_training_job_config_and_vocab_read_back(trained):
 def test_restore_trained_latest_or_a_step_on_any_sharding(trained):
   path, config, vocab, model = trained
   state, step = workdir.restore_trained(path, config, vocab, model)
-  assert step == 3 and int(state.step) == 3
+  assert step == 6 and int(state.step) == 6
   leaf = jax.tree.leaves(state.params)[0]
   assert leaf.sharding == jax.sharding.SingleDeviceSharding(
       jax.local_devices()[0])
@@ -127,8 +127,10 @@ def test_restore_trained_latest_or_a_step_on_any_sharding(trained):
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   again, step = workdir.restore_trained(path, config, vocab, model,
-                                        replicated, step=3)
-  assert step == 3
+                                        replicated, step=6)
+  assert step == 6
+  earlier, step = workdir.restore_trained(path, config, vocab, model, step=3)
+  assert step == 3 and int(earlier.step) == 3
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(again.params)):
     assert b.sharding == replicated
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
