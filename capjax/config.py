@@ -159,7 +159,8 @@ def defaults() -> ml_collections.ConfigDict:
   # position only fits the process count that wrote it).
   t.discard_data_state = False
 
-  # Self-critical sequence training (train.objective='scst'; capjax/scst.py).
+  # Self-critical sequence training (train.objective='scst';
+  # capjax/objectives/scst.py).
   config.scst = s = ml_collections.ConfigDict()
   s.num_samples = 5  # Captions sampled per image and step.
   # 'greedy': the baseline is the reward of the arg-max caption (Rennie et

@@ -5,7 +5,7 @@
 
 Starts from the cross-entropy run's best checkpoint (by validation CIDEr-D)
 and optimises the CIDEr-D of sampled captions, as Rennie et al. 2017 did
-after cross-entropy training (capjax/scst.py).
+after cross-entropy training (capjax/objectives/scst.py).
 """
 
 from configs import coco

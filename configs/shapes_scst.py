@@ -5,7 +5,7 @@
       --workdir=runs/shapes_scst --config.init_from=runs/shapes
 
 Starts from the cross-entropy run's best checkpoint and optimises the CIDEr-D
-of sampled captions (capjax/scst.py).
+of sampled captions (capjax/objectives/scst.py).
 """
 
 from configs import shapes

@@ -96,7 +96,8 @@ def step_config(test_config, kind='jit'):
 
 def random_batch(config, seed=0):
   rng = np.random.default_rng(seed)
-  b, k, l = config.batch_size, config.data.captions_per_image, config.data.max_len
+  b, k = config.batch_size, config.data.captions_per_image
+  l = config.data.max_len
   captions = rng.integers(4, VOCAB_SIZE, (b, k, l)).astype(np.int32)
   captions[..., 0] = vocab_lib.BOS
   lengths = rng.integers(2, l, (b, k))
@@ -121,7 +122,8 @@ def init_model(config):
   return model, tx, state
 
 
-COCO_WORDS = 'a man woman dog cat riding sitting on the red bench table with'.split()
+COCO_WORDS = ('a man woman dog cat riding sitting on the red bench table '
+              'with').split()
 KARPATHY_SIZES = {'train': 12, 'restval': 5, 'val': 4, 'test': 4}
 
 
@@ -140,15 +142,17 @@ def coco_data_source(builder, split, decoders=None, **kwargs):
     offset = list(KARPATHY_SIZES).index(name) * 1000
     for i in range(KARPATHY_SIZES[name]):
       rng = np.random.default_rng(offset + i)
-      captions = [' '.join(rng.choice(COCO_WORDS, rng.integers(4, 12))).capitalize()
-                  + '.' for _ in range(rng.integers(5, 8))]
+      captions = [
+          ' '.join(rng.choice(COCO_WORDS, rng.integers(4, 12))).capitalize()
+          + '.' for _ in range(rng.integers(5, 8))]
       records.append(features.serialize_example({
           'image': rng.integers(0, 256, (rng.integers(30, 60), 50, 3),
                                 dtype=np.uint8),
           'image/id': offset + i,
           'image/filename': f'COCO_{name}2014_{offset + i:012d}.jpg',
           'captions': {'id': list(range(len(captions))), 'text': captions},
-          'objects': {'area': [10], 'bbox': [tfds.features.BBox(.1, .1, .5, .5)],
+          'objects': {'area': [10],
+                      'bbox': [tfds.features.BBox(.1, .1, .5, .5)],
                       'id': [1], 'is_crowd': [False], 'label': [3]},
       }))
 

@@ -20,7 +20,8 @@ from conftest import step_config
 def _single_device_run(config, model, tx, state, batches, rng):
   """The reference: one device holding the whole global batch."""
   step = jax.jit(jax.vmap(
-      functools.partial(cross_entropy.train_step, model=model, tx=tx, config=config),
+      functools.partial(cross_entropy.train_step, model=model, tx=tx,
+                        config=config),
       in_axes=(None, 0, None), out_axes=0, axis_name=parallel.AXIS))
   for batch in batches:
     out, _ = step(state, jax.tree.map(lambda x: x[None], batch), rng)
@@ -44,8 +45,8 @@ def test_data_parallel_equals_one_device(test_config, kind):
   want = _single_device_run(config, model, tx, state, batches, rng)
 
   par = parallel.Parallel(config)
-  step = par.step(functools.partial(cross_entropy.train_step, model=model, tx=tx,
-                                    config=config))
+  step = par.step(functools.partial(cross_entropy.train_step, model=model,
+                                    tx=tx, config=config))
   got = par.put_state(state)
   for batch in batches:
     got, metrics = step(got, par.put_batch(batch), rng)
@@ -81,8 +82,8 @@ def test_nonfinite_step_is_skipped_and_stops_the_job(test_config):
   config = step_config(test_config)
   model, tx, state = init_model(config)
   par = parallel.Parallel(config)
-  step = par.step(functools.partial(cross_entropy.train_step, model=model, tx=tx,
-                                    config=config))
+  step = par.step(functools.partial(cross_entropy.train_step, model=model,
+                                    tx=tx, config=config))
   batch = random_batch(config)
   # The model also takes float pixels; a NaN one poisons the loss.
   batch['image'] = batch['image'].astype(np.float32)

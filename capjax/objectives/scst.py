@@ -9,8 +9,8 @@ captions w^s sampled from the model, the gradient of the expected reward is
 with a baseline b that does not depend on w^s. Two baselines:
 
 * 'greedy': b = r(w^), the reward of the model's own arg-max caption
-  (Rennie et al.'s "self-critical" baseline), so samples better than what the model would
-  say at test time are made more likely, worse ones less;
+  (Rennie et al.'s "self-critical" baseline), so samples better than what
+  the model would say at test time are made more likely, worse ones less;
 * 'mean': b = the mean reward of the other k - 1 samples of the same image
   (the "new SCST" of Luo 2020, "A Better Variant of Self-Critical Sequence
   Training"), which costs no greedy decode.
