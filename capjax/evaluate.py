@@ -14,24 +14,16 @@ import time
 from absl import logging
 from clu import metric_writers
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
-import numpy as np
 
 from capjax import checkpoint as checkpoint_lib
 from capjax import config as config_lib
 from capjax import evaluators
+from capjax.evaluators import common as evaluators_common
 from capjax import models
 from capjax import parallel
 from capjax import workdir as workdir_lib
 from capjax.data import prepare
-
-
-def _agree(value):
-  """Process 0's `value`, on every process."""
-  if jax.process_count() == 1:
-    return value
-  return multihost_utils.broadcast_one_to_all(np.asarray(value)).item()
 
 
 class _Job:
@@ -96,10 +88,12 @@ def evaluate_continuously(config: ml_collections.ConfigDict,
   try:
     while True:
       # Every process decodes the step process 0 sees, or none.
-      newest = _agree(max(job.checkpoints.steps(), default=-1))
+      newest = evaluators_common.on_chief(
+          lambda: max(job.checkpoints.steps(), default=-1))
       if newest > latest:
         latest, last_new = newest, time.monotonic()
-        if not _agree(job.evaluator.done(latest)):
+        if not evaluators_common.on_chief(
+            lambda: job.evaluator.done(latest)):
           try:
             job.evaluate(latest)
           except FileNotFoundError:  # Deleted by the trainer's policy.
