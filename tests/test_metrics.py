@@ -455,8 +455,10 @@ with open({log!r}, 'w') as log:
   if {crash!r}:
     sys.stderr.write('Exception in thread "main" java.lang.OutOfMemoryError\\n')
     sys.exit(1)
+  log.flush()
   for line in sys.stdin:
     log.write(line)
+    log.flush()  # Read while the process lives on: it is kept.
     fields = line.rstrip('\\n').split(' ||| ')
     if fields[0] == 'SCORE':  # stats: the number of references
       print(f'{{len(fields) - 2}} 0')
@@ -581,3 +583,23 @@ def test_missing_wordnet_is_a_clear_error(tmp_path):
   with pytest.raises(UserError, match='unusable: .*corpora/wordnet: ') as e:
     meteor.load_wordnet(nltk_data_dirs=[str(tmp_path)], system_dirs=[])
   assert '\n' not in str(e.value)
+
+
+def test_java_meteor_keeps_its_process_between_calls(tmp_path):
+  java, jar, log = _fake_java(tmp_path)
+  first = meteor.java_meteor([['a b c'], ['d e']], ['a b', 'd'], jar=jar,
+                             java=java)
+  second = meteor.java_meteor([['x y'], ['z'], ['w v']], ['x', 'z', 'w'],
+                              jar=jar, java=java)
+  assert first == (0.5, [0.1, 0.1]) and second == (0.5, [0.1, 0.1, 0.1])
+  with open(log) as f:
+    lines = f.read().splitlines()
+  # One start (the log is rewritten at each), both calls' requests.
+  assert lines[1].startswith('-jar') and len(lines) == 2 + 3 + 4
+  assert lines[-1] == 'EVAL ||| 1 0 ||| 1 0 ||| 1 0'
+  # A kept process that died is replaced, and the call still scores.
+  (process,) = [p for k, p in meteor._processes.items() if k[2] == java]  # pylint: disable=protected-access
+  process._process.kill()  # pylint: disable=protected-access
+  process._process.wait()  # pylint: disable=protected-access
+  assert meteor.java_meteor([['a b']], ['a'], jar=jar, java=java) == (
+      0.5, [0.1])

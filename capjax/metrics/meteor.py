@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from typing import Any
 import warnings
 
@@ -205,7 +206,32 @@ def java_meteor(references: Sequence[Sequence[str]], candidates: Sequence[str],
         f'METEOR: Java was not found (`{java} -version` does not run); '
         'install Java for the official METEOR 1.5, or use --meteor=nltk or '
         '--meteor=none')
-  process = _JavaMeteor(jar, java, max_memory)
+  # By process id too: a forked child must not talk over its parent's pipe.
+  key = (os.getpid(), os.path.abspath(jar), java, max_memory)
+  with _processes_lock:
+    kept = _processes.pop(key, None)
+    try:
+      score, per_image, process = _score(kept, references, candidates, jar,
+                                         java, max_memory)
+    except MeteorUnavailable:
+      if kept is None:
+        raise
+      # The kept process died since (killed, say): once more, afresh.
+      score, per_image, process = _score(None, references, candidates, jar,
+                                         java, max_memory)
+    # Kept for the next call: starting the JVM and loading the paraphrase
+    # table take ~5 s of the ~6 s that scoring 1,000 captions takes, and a
+    # job scores several splits (or, as a sidecar, every checkpoint). Each
+    # EVAL only aggregates the stats it is sent, which pycocoevalcap's one
+    # long-lived process relies on too.
+    _processes[key] = process
+  return score, per_image
+
+
+def _score(process, references, candidates, jar, java, max_memory):
+  """(corpus score, per-image scores, the process) from `process` or a new
+  one; the process is closed if it fails."""
+  process = process or _JavaMeteor(jar, java, max_memory)
   try:
     stats = []
     for refs, cand in zip(references, candidates):
@@ -217,9 +243,22 @@ def java_meteor(references: Sequence[Sequence[str]], candidates: Sequence[str],
     # corpus score.
     process.request(' ||| '.join(['EVAL'] + stats))
     per_image = [float(process.read_answer()) for _ in stats]
-    return float(process.read_answer()), per_image
-  finally:
+    return float(process.read_answer()), per_image, process
+  except BaseException:
     process.close()
+    raise
+
+
+# One idle METEOR process per (pid, jar, java, heap), closed at exit.
+_processes: dict[tuple[int, str, str, str], _JavaMeteor] = {}
+_processes_lock = threading.Lock()
+
+
+@atexit.register
+def _close_processes() -> None:
+  with _processes_lock:
+    for key in [k for k in _processes if k[0] == os.getpid()]:
+      _processes.pop(key).close()
 
 
 # ---------------------------------------------------------------------------
