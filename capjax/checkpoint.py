@@ -194,15 +194,16 @@ class Checkpoints:
               meta=ocp.args.JsonSave(meta_data)),
           metrics=metrics, force=True)
 
-  def restore(self, abstract_state: Any, iterator: 'grain.DatasetIterator',
+  def restore(self, abstract_state: Any,
               meta_data: dict[str, Any]) -> tuple[Any, int] | None:
     """(state, step) of the newest readable checkpoint, or None if none.
 
-    The iterator is moved to where that step left it. A checkpoint that
-    cannot be read is skipped with a warning (the previous one is tried);
-    one made for another model or vocabulary is an error.
+    A checkpoint that cannot be read is skipped with a warning (the previous
+    one is tried); one made for another model or vocabulary is an error.
+    Then `restore_data` moves the input pipeline to where that step left
+    it: the pipeline is built in between, since what it reads (the feature
+    cache) may depend on the restored weights.
     """
-    import grain  # pylint: disable=g-import-not-at-top
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       return None
@@ -229,24 +230,17 @@ class Checkpoints:
       _check_same_model(saved, meta_data,
                         f'the checkpoints in {self.directory} belong to',
                         'use a new --workdir or set the config back')
-      items = {'state': ocp.args.StandardRestore(abstract_state),
-               'data': grain.checkpoint.CheckpointRestore(iterator)}
-      if processes != jax.process_count():
-        if not self.discard_data_state:
-          raise UserError(
-              f'checkpoint {step} in {self.directory} was written by '
-              f'{processes} processes and this job has '
-              f'{jax.process_count()}: the data position of each process '
-              f'cannot be carried over. Resume with {processes} processes, '
-              'or set --config.train.discard_data_state=True to restore the '
-              'model and optimizer and restart the data order')
-        logging.warning('Checkpoint %d was written by %d processes: its data '
-                        'position is discarded (discard_data_state).', step,
-                        processes)
-        del items['data']
+      if processes != jax.process_count() and not self.discard_data_state:
+        raise UserError(
+            f'checkpoint {step} in {self.directory} was written by '
+            f'{processes} processes and this job has '
+            f'{jax.process_count()}: the data position of each process '
+            f'cannot be carried over. Resume with {processes} processes, '
+            'or set --config.train.discard_data_state=True to restore the '
+            'model and optimizer and restart the data order')
       try:
-        restored = self.manager.restore(step,
-                                        args=ocp.args.Composite(**items))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Checkpoint %d is unreadable (%s); trying the one '
                         'before.', step, _first_line(e))
@@ -257,6 +251,32 @@ class Checkpoints:
       return restored['state'], step
     raise UserError(f'no checkpoint in {self.directory} could be read (tried '
                     f'steps {steps}); see the warnings above')
+
+  def restore_data(self, step: int,
+                   iterator: 'grain.DatasetIterator') -> None:
+    """Moves `iterator` to where checkpoint `step` left it (unless another
+    number of processes wrote it, with discard_data_state)."""
+    import grain  # pylint: disable=g-import-not-at-top
+    processes = _read_meta(self.manager, step).get('processes',
+                                                   jax.process_count())
+    if processes != jax.process_count():
+      logging.warning('Checkpoint %d was written by %d processes: its data '
+                      'position is discarded (discard_data_state).', step,
+                      processes)
+      return
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(iterator)))
+    except Exception as e:  # pylint: disable=broad-except
+      if not self.discard_data_state:
+        raise UserError(
+            f'checkpoint {step} in {self.directory}: its model restored but '
+            f'not its data position ({_first_line(e)}); set '
+            '--config.train.discard_data_state=True to resume with the data '
+            'order restarted') from None
+      logging.warning('Checkpoint %d: its data position is unreadable (%s) '
+                      'and discarded (discard_data_state).', step,
+                      _first_line(e))
 
   def steps(self) -> list[int]:
     """The saved steps, oldest first (re-read from disk)."""

@@ -79,6 +79,16 @@ def defaults() -> ml_collections.ConfigDict:
   # originals, decoding JPEGs at reduced scale.
   d.resized_copy = True
   d.normalization = 'imagenet'  # 'imagenet' (mean/std, RGB) or 'caffe' (BGR).
+  # The feature cache: with a frozen encoder, run it once per image and
+  # train, validate, decode and run SCST from its stored features (in the
+  # TFDS data dir, keyed by a fingerprint of the encoder's weights and
+  # settings; made by --mode=cache_features, or before the job when
+  # `prepare` is on). Not with an encoder that trains.
+  d.features = ml_collections.ConfigDict()
+  d.features.use = False
+  # As stored: 'bfloat16' (half the disk of 'float32').
+  d.features.dtype = 'bfloat16'
+  d.features.batch_size = 0  # Images per encoder batch; 0: batch_size.
   d.captions_per_image = 5  # K: captions trained per image and batch row.
   d.max_len = 24  # Tokens per caption, <bos> and <eos> included.
   d.min_count = 5  # Words seen fewer times in train become <unk>.
@@ -230,6 +240,7 @@ _POSITIVE = (
 )
 _NOT_NEGATIVE = (
     'data.workers', 'data.min_count', 'model.encoder.grid',
+    'data.features.batch_size',
     'train.warmup_steps', 'train.encoder_from_step',
     'decode.batch_size', 'decode.poll_seconds', 'decode.timeout_seconds',
 )
@@ -264,9 +275,26 @@ def check(config: ml_collections.ConfigDict) -> None:
                     f'{config.model.decoder.dropout} must be in [0, 1)')
   for name, entry in config.evals.items():
     _check_evaluator(f'evals.{name}', entry)
+  _check_features(config)
   if config.decode.meteor not in METEOR_MODES:
     raise UserError(f'unknown --config.decode.meteor={config.decode.meteor!r}'
                     f'; choose one of {", ".join(METEOR_MODES)}')
+
+
+def _check_features(config: ml_collections.ConfigDict) -> None:
+  f = config.data.features
+  if f.dtype not in ('bfloat16', 'float32'):
+    raise UserError(f'--config.data.features.dtype={f.dtype!r}: choose '
+                    "'bfloat16' or 'float32'")
+  if not f.use:
+    return
+  e, t = config.model.encoder, config.train
+  if not e.frozen or t.encoder_from_step:
+    how = ('--config.model.encoder.frozen=False' if not e.frozen else
+           f'--config.train.encoder_from_step={t.encoder_from_step}')
+    raise UserError(
+        f'--config.data.features.use=True stores the features of a frozen '
+        f'encoder, and {how} trains it: turn one of them off')
 
 
 def _check_evaluator(prefix: str, entry: ml_collections.ConfigDict) -> None:

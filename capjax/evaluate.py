@@ -9,6 +9,7 @@ Both run the `decode_split` evaluator (`capjax.evaluators.DecodeSplit`) on
 the metrics in the TensorBoard logs there.
 """
 
+import os
 import time
 
 from absl import logging
@@ -16,6 +17,7 @@ from clu import metric_writers
 import jax
 import ml_collections
 
+from capjax import cache_features
 from capjax import checkpoint as checkpoint_lib
 from capjax import config as config_lib
 from capjax import evaluators
@@ -38,10 +40,7 @@ class _Job:
                                         config.data.normalization)
     self.checkpoints = checkpoint_lib.Checkpoints(
         workdir_lib.checkpoints_dir(workdir), config, create=False)
-    self.evaluator = evaluators.DecodeSplit(
-        'decode', config_lib.decode_split(config.decode.split),
-        config=config, par=self.par, model=self.model, data=self.data,
-        workdir=workdir)
+    self._evaluators = {}  # By feature cache folder (None: images).
     self.writer = metric_writers.create_default_writer(
         workdir_lib.decode_dir(workdir),
         just_logging=jax.process_index() != 0)
@@ -50,10 +49,28 @@ class _Job:
     state, step = workdir_lib.restore_trained(
         self.workdir, self.config, self.data.vocab, self.model,
         self.par.replicated, step)
-    metrics = self.evaluator.run(self.par.put_state(state), step,
-                                 self.writer)
+    metrics = self.evaluator(state).run(self.par.put_state(state), step,
+                                        self.writer)
     self.writer.flush()
     return step, metrics
+
+  def evaluator(self, state) -> evaluators.DecodeSplit:
+    """The split's decoder, reading the features of `state`'s encoder when
+    the feature cache is used (one per cache: a frozen encoder's)."""
+    data = cache_features.attach(self.config, self.data, self.model, state,
+                                 self.par)
+    key = data.features and data.features.folder
+    if key not in self._evaluators:
+      self._evaluators[key] = evaluators.DecodeSplit(
+          'decode', config_lib.decode_split(self.config.decode.split),
+          config=self.config, par=self.par, model=self.model, data=data,
+          workdir=self.workdir)
+    return self._evaluators[key]
+
+  def done(self, step: int) -> bool:
+    """Whether `step` has been decoded and scored already."""
+    return os.path.exists(workdir_lib.decode_metrics_path(
+        self.workdir, self.config.decode.split, step))
 
   def close(self):
     self.checkpoints.close()
@@ -93,7 +110,7 @@ def evaluate_continuously(config: ml_collections.ConfigDict,
       if newest > latest:
         latest, last_new = newest, time.monotonic()
         if not evaluators_common.on_chief(
-            lambda: job.evaluator.done(latest)):
+            lambda: job.done(latest)):
           try:
             job.evaluate(latest)
           except FileNotFoundError:  # Deleted by the trainer's policy.

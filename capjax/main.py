@@ -23,12 +23,15 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string('workdir', None, 'Directory for vocabulary, checkpoints, '
                     'logs and results.')
 flags.DEFINE_enum(
-    'mode', 'train', ['train', 'decode', 'evaluate_continuously', 'prepare'],
+    'mode', 'train',
+    ['train', 'decode', 'evaluate_continuously', 'prepare', 'cache_features'],
     'train: the main job. decode: caption and score --config.decode.split '
     'with a checkpoint of --workdir. evaluate_continuously: decode each new '
     'checkpoint as a training job writes it. prepare: only build the dataset '
     'and vocabulary, and fetch the encoder\'s pretrained weights (e.g. '
-    'download COCO and ImageNet weights once).')
+    'download COCO and ImageNet weights once). cache_features: run the '
+    'frozen encoder once over every split the run reads and store the '
+    'features (see --config.data.features).')
 flags.DEFINE_string('coordinator_address', None, 'Multi-process jobs: '
                     'host:port of process 0 (see capjax/distributed.py for '
                     'what is detected without it).')
@@ -43,6 +46,7 @@ def run(config, workdir: str, mode: str) -> None:
   # mistake in them is answered in 0.6 s, not after the 3.4 s that importing
   # TFDS, grain and the rest takes (2-core CPU).
   # pylint: disable=g-import-not-at-top
+  from capjax import cache_features
   from capjax import evaluate
   from capjax import pretrained
   from capjax import train
@@ -60,6 +64,8 @@ def run(config, workdir: str, mode: str) -> None:
     evaluate.decode_checkpoint(config, workdir)
   elif mode == 'evaluate_continuously':
     evaluate.evaluate_continuously(config, workdir)
+  elif mode == 'cache_features':
+    cache_features.run(config, workdir)
 
 
 def _load_config():

@@ -10,7 +10,6 @@ evaluators' (`capjax.evaluators`); this module only runs them.
 import contextlib
 import functools
 import os
-import shutil
 import time
 
 from absl import logging
@@ -21,14 +20,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from capjax import cache_features
 from capjax import checkpoint as checkpoint_lib
 from capjax import evaluators
-from capjax import models
-from capjax import objectives
 from capjax import optimizer
-from capjax import parallel
 from capjax import preemption as preemption_lib
-from capjax import pretrained
+from capjax import start as start_lib
 from capjax import state as state_lib
 from capjax import workdir as workdir_lib
 from capjax.data import pipeline
@@ -46,15 +43,6 @@ def _frozen_until(config: ml_collections.ConfigDict) -> int:
   if e.frozen:
     return 0
   return t.encoder_from_step * max(t.grad_accum_steps, 1)
-
-
-def _copy_vocab(source_workdir: str, workdir: str) -> None:
-  """A run started from another one's weights needs its token ids."""
-  source = workdir_lib.vocab_path(source_workdir)
-  target = workdir_lib.vocab_path(workdir)
-  if os.path.exists(source) and not os.path.exists(target):
-    os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(source, target)
 
 
 def _learning_rate(config, step: int) -> float:
@@ -81,55 +69,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
                         workdir: str) -> state_lib.TrainState:
   t = config.train
   is_chief = jax.process_index() == 0
-  objectives.check(config)
-  pretrained.check_random_frozen(config)
-  if config.init_from and is_chief:
-    _copy_vocab(checkpoint_lib.locate(config.init_from)[0], workdir)
-
-  # ---------------------------------------------------------------- input
-  data = prepare.prepare(config, workdir)
-  par = parallel.Parallel(config)
-  objective = objectives.make(config, data)
-  train_iter = iter(pipeline.train_dataset(
-      config, data.source(config.data.train_split), data.vocab,
-      references=objective.references))
-
-  # ---------------------------------------------------------------- model
-  model = models.build_captioner(config.model, len(data.vocab),
-                                 config.data.normalization)
-  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  abstract = state_lib.abstract(config, model, par.replicated)
-  tx = optimizer.make(config, abstract.params)
-  meta = checkpoint_lib.meta(config, data.vocab)
-
-  # ----------------------------------------------------------- checkpoint
-  checkpoints = checkpoint_lib.Checkpoints(workdir_lib.checkpoints_dir(workdir),
-                                           config)
-  restored = checkpoints.restore(abstract, train_iter, meta)
-  if restored:
-    state, start = restored
-  elif config.init_from:
-    start = 0
-    params, batch_stats, _ = checkpoint_lib.load_weights(
-        config.init_from, config, abstract, meta)
-    state = jax.jit(functools.partial(state_lib.fresh, tx=tx),
-                    out_shardings=par.replicated)(params, batch_stats)
-  elif objective.needs_init_from:
-    raise UserError(f'--config.train.objective={t.objective} starts from a '
-                    'cross-entropy model: set --config.init_from to its '
-                    'workdir')
-  else:
-    start = 0
-    encoder_weights = None
-    if config.model.encoder.pretrained:
-      encoder_abstract = {'params': abstract.params['encoder'],
-                          'batch_stats': abstract.batch_stats['encoder']}
-      encoder_weights = pretrained.load_encoder_weights(
-          config.model.encoder, encoder_abstract)
-    state = jax.jit(functools.partial(state_lib.create, config, model, tx),
-                    out_shardings=par.replicated)(init_rng, encoder_weights)
+  # ------------------------------------------- data, model, first state
+  s = start_lib.start(config, workdir)
+  data, par, objective, model, tx, meta, checkpoints, state, start = (
+      s.data, s.par, s.objective, s.model, s.tx, s.meta, s.checkpoints,
+      s.state, s.step)
   if start >= t.num_steps:
     logging.info('Already trained to step %d of %d.', start, t.num_steps)
+
+  # ---------------------------------------------------------------- input
+  try:
+    # From the feature cache of this state's encoder, when it is used.
+    data = cache_features.attach(config, data, model, state, par)
+    train_iter = iter(pipeline.train_dataset(
+        config, data.source(config.data.train_split), data.vocab,
+        references=objective.references))
+    if start:
+      checkpoints.restore_data(start, train_iter)
+  except BaseException:
+    checkpoints.close()
+    raise
 
   # -------------------------------------------------------------- logging
   writer = metric_writers.create_default_writer(
@@ -176,7 +135,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         step += 1
         batch = par.put_batch(next(train_iter))
         p_step = p_frozen if step <= frozen_until else p_train
-        state, metrics = p_step(state, batch, step_rng, *constants)
+        state, metrics = p_step(state, batch, s.step_rng, *constants)
         pending.append(metrics)
         for hook in hooks:
           hook(step)

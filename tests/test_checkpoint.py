@@ -192,7 +192,8 @@ def _disk_full_scenario(root):
   os.remove(filler)
   ckpt = checkpoint.Checkpoints(directory, _config())
   iterator = _iterator()
-  restored, step = ckpt.restore(_abstract(state), iterator, _meta())
+  restored, step = ckpt.restore(_abstract(state), _meta())
+  ckpt.restore_data(step, iterator)
   position = int(next(iterator))
   # The resumed run writes step 2 again, over what is left of it.
   ckpt.save(2, restored, iterator, _meta())
@@ -288,8 +289,8 @@ from capjax import checkpoint
 import test_checkpoint as t
 ckpt = checkpoint.Checkpoints(sys.argv[1], t._config())
 iterator = t._iterator()
-state, step = ckpt.restore(t._abstract(t._state(0, leaves=40)), iterator,
-                           t._meta())
+state, step = ckpt.restore(t._abstract(t._state(0, leaves=40)), t._meta())
+ckpt.restore_data(step, iterator)
 ckpt.close()
 print(step, float(state['params']['w0'][0]), next(iterator))
 '''
@@ -323,7 +324,7 @@ def test_another_models_checkpoint_is_named_by_each_reader(tmp_path):
   with pytest.raises(UserError, match=(
       rf'^the checkpoints in {where} belong to another model or vocabulary '
       r'\(model.decoder.hidden_dim: 16 -> 24\); use a new --workdir')):
-    ckpt.restore(_abstract(state), _iterator(), other)
+    ckpt.restore(_abstract(state), other)
   with pytest.raises(UserError, match=(
       rf'^checkpoint 1 in {where} belongs to another model or vocabulary '
       r'\(model.decoder.hidden_dim: 16 -> 24\); decode with the config')):

@@ -14,6 +14,7 @@ from capjax.data import datasets
 from capjax.data import images
 from capjax.data import photos
 from capjax.data import prepare
+from capjax.data import records
 from capjax.data import resized
 from capjax.errors import UserError
 
@@ -43,7 +44,7 @@ def _files(folder):
 def test_the_copy_reads_as_tfds_does_at_the_model_size(builder):
   resized.build(builder, ['train', 'validation'], SIZE)
   for spec in ('train', 'train[:10]+validation[-5:]', 'validation[25%:50%]'):
-    copy = resized.ResizedSource(builder, spec, SIZE)
+    copy = resized.source(builder, spec, SIZE)
     original = datasets.data_source(builder, spec)
     assert len(copy) == len(original)
     for i in (0, len(copy) // 2, len(copy) - 1):
@@ -87,7 +88,7 @@ def test_an_interrupted_copy_resumes_to_the_same_files(builder, monkeypatch,
     resized.build(builder, ['train'], SIZE, workers=1)
   assert resized.missing(builder, ['train'], SIZE) == ['train']
   with pytest.raises(FileNotFoundError, match='no complete copy'):
-    resized.ResizedSource(builder, 'train', SIZE)
+    resized.source(builder, 'train', SIZE)
   # Only the first shard survived, and the second's temporary file is gone.
   assert os.listdir(folder) == ['train-00000.array_record']
   calls.clear()
@@ -111,7 +112,7 @@ def test_a_copy_made_otherwise_is_made_again(builder):
     f.truncate(1000)
   assert resized.missing(builder, ['validation'], SIZE) == ['validation']
   resized.build(builder, ['validation'], SIZE)
-  assert len(resized.ResizedSource(builder, 'validation', SIZE)) == 64
+  assert len(resized.source(builder, 'validation', SIZE)) == 64
   os.remove(shard)
   assert resized.missing(builder, ['validation'], SIZE) == ['validation']
   # Another resolution is another copy, beside the dataset.
@@ -184,7 +185,7 @@ def test_a_failed_write_is_one_clear_error(test_config, tmp_path,
   def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, 'No space left on device')
 
-  monkeypatch.setattr(resized.array_record_module, 'ArrayRecordWriter',
+  monkeypatch.setattr(records.array_record_module, 'ArrayRecordWriter',
                       disk_full)
   with pytest.raises(UserError, match='cannot write the copy at 32 px.*No '
                      'space left.*resized_copy=False'):

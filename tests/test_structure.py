@@ -103,7 +103,8 @@ def test_layers_import_downwards():
         todo += graph[node]
     return False
 
-  above = {'capjax.main', 'capjax.train', 'capjax.evaluate'}
+  above = {'capjax.main', 'capjax.train', 'capjax.evaluate', 'capjax.start',
+           'capjax.cache_features'}
   below = ['capjax.objectives', 'capjax.evaluators', 'capjax.state',
            'capjax.losses', 'capjax.decode', 'capjax.models', 'capjax.data',
            'capjax.checkpoint', 'capjax.inference']

@@ -128,6 +128,14 @@ def split_names(split: str) -> list[str]:
   return [re.sub(r'\[.*\]$', '', part.strip()) for part in split.split('+')]
 
 
+def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """The number of examples of the split `split` (a name, not a spec)."""
+  if split in builder.info.splits:
+    return builder.info.splits[split].num_examples
+  # Unknown to the metadata (only under tfds.testing.mock_data).
+  return len(builder.as_data_source(split))
+
+
 def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
   known = list(builder.info.splits)
   if not known:  # Not known before preparation (and under tfds mock_data).
@@ -148,7 +156,7 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str,
 def iter_captions(builder: tfds.core.DatasetBuilder,
                   split: str) -> Iterator[str]:
   """Streams every caption of `split` without decoding a single image."""
-  source = _without_images(builder, split)
+  source = without_images(builder, split)
   for i in range(len(source)):
     for text in source[i]['captions']['text']:
       yield as_str(text)
@@ -157,7 +165,7 @@ def iter_captions(builder: tfds.core.DatasetBuilder,
 def references(builder: tfds.core.DatasetBuilder,
                split: str) -> dict[int, list[str]]:
   """Every caption of every image of `split`, by image id (no decoding)."""
-  source = _without_images(builder, split)
+  source = without_images(builder, split)
   out = {}
   for i in range(len(source)):
     example = source[i]
@@ -166,7 +174,8 @@ def references(builder: tfds.core.DatasetBuilder,
   return out
 
 
-def _without_images(builder, split: str) -> Sequence[dict]:
+def without_images(builder, split: str) -> Sequence[dict]:
+  """Random access to `split`'s ids and captions; images left encoded."""
   return data_source(builder, split,
                      decoders={'image': tfds.decode.SkipDecoding()})
 

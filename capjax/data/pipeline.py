@@ -58,14 +58,11 @@ class Preprocess:
     else:
       picks = np.concatenate([rng.permutation(len(texts)),
                               rng.choice(len(texts), k - len(texts))])
-    image = example['image']
-    if isinstance(image, bytes):  # Left encoded by the source.
-      image = images.decode_resized(image, self.image_size,
-                                    str(example.get('image/filename', '')))
-    else:
-      image = images.resize(np.asarray(image), self.image_size)
     pad = example.get('_pad', False)  # Set by `eval_dataset`.
-    out = {}
+    if 'features' in example:  # From the feature cache: no image at all.
+      out = {'features': example['features']}  # [h, w, C]
+    else:
+      out = {'image': pixels(example, self.image_size)}  # uint8 [S, S, 3]
     if self.references:
       # The first R in dataset order, then rows of <pad>: none.
       out['references'] = np.full((self.references, self.max_len), PAD,
@@ -74,12 +71,20 @@ class Preprocess:
       out['references'][:len(kept)] = self.vocab.encode_batch(kept,
                                                               self.max_len)
     return out | {
-        'image': image,  # uint8 [S, S, 3]
         'captions': self.vocab.encode_batch(  # [K, L]
             [texts[i] for i in picks], self.max_len),
         'image/id': np.int64(-1 if pad else example['image/id']),
         'mask': np.bool_(not pad),
     }
+
+
+def pixels(example: dict, image_size: int) -> np.ndarray:
+  """An example's image as uint8 [S, S, 3], S = image_size."""
+  image = example['image']
+  if isinstance(image, bytes):  # Left encoded by the source.
+    return images.decode_resized(image, image_size,
+                                 str(example.get('image/filename', '')))
+  return images.resize(np.asarray(image), image_size)
 
 
 def _preprocess(config: ml_collections.ConfigDict, vocab: Vocab,
@@ -113,7 +118,8 @@ def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
                   process_count: int | None = None) -> grain.IterDataset:
   """Endless shuffled batches: this process's share of each global batch.
 
-  Batches: `image` [b, S, S, 3] uint8, `captions` [b, K, L] int32,
+  Batches: `image` [b, S, S, 3] uint8 (or, from the feature cache,
+  `features` [b, h, w, C]), `captions` [b, K, L] int32,
   `image/id` [b] int64, `mask` [b] bool (all true), with b the per-process
   batch size; with `references` R > 0 (what the objective asks for) also
   `references` [b, R, L], every caption of each image (up to R, then rows

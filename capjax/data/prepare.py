@@ -12,6 +12,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from capjax.data import datasets
+from capjax.data import feature_cache
 from capjax.data import resized
 from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
@@ -23,16 +24,29 @@ class Data:
   builder: tfds.core.DatasetBuilder
   vocab: vocab_lib.Vocab
   config: ml_collections.ConfigDict  # config.data
+  # Set by `capjax.cache_features.attach`: read the encoder's stored
+  # features instead of images.
+  features: feature_cache.Cache | None = None
 
   def source(self, split: str) -> Sequence[dict]:
     """Random-access examples of `split` (a TFDS split spec) for the pipeline.
 
-    With `resized_copy` (the default), from the copy at `image_size`, made on
-    first use when the dataset may be prepared automatically; otherwise from
-    the original files, images left encoded for `pipeline.Preprocess` to
-    decode at reduced scale.
+    From the feature cache when `features` is set. Else with `resized_copy`
+    (the default), from the copy at `image_size`, made on first use when the
+    dataset may be prepared automatically; otherwise from the original
+    files, images left encoded for `pipeline.Preprocess` to decode at
+    reduced scale.
     """
     d = self.config
+    if self.features:
+      datasets.check_split(self.builder, split)
+      absent = self.features.missing(datasets.split_names(split))
+      if absent:
+        raise UserError(
+            f'the feature cache {self.features.folder} has no features of '
+            f'{", ".join(absent)}: make them with --mode=cache_features (or '
+            'set --config.data.prepare=True to make them when needed)')
+      return self.features.source(split)
     if not d.resized_copy:
       return datasets.data_source(
           self.builder, split, decoders={'image': tfds.decode.SkipDecoding()})
@@ -46,7 +60,7 @@ class Data:
             f'with --mode=prepare (or set --config.data.prepare=True to make '
             'it now)')
       build_copy(self.builder, names, d.image_size)
-    return resized.ResizedSource(self.builder, split, d.image_size)
+    return resized.source(self.builder, split, d.image_size)
 
   def references(self, split: str) -> dict[int, list[str]]:
     """Every caption of every image of `split`, by image id."""

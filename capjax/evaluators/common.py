@@ -42,16 +42,16 @@ def search_rows(model, variables, batch: Mapping[str, jax.Array], *,
                 features: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per device: the best caption of each image of `batch`, as rows.
 
-  From `features` [b, P, C] when the caller has encoded the images already.
+  From `features` [b, P, C] when the caller has encoded the batch already.
   The ids and the mask travel with the captions, so that rows and ids match
   whatever order the devices' shards are gathered in.
   """
   search = dict(max_len=max_len, mask=batch['mask'],
                 **dataclasses.asdict(options))
-  if features is None:
-    out = decode.beam_search(model, variables, batch['image'], **search)
-  else:
-    out = decode.beam_search_features(model, variables, features, **search)
+  if features is None:  # From the batch's pixels or cached features.
+    features = model.apply(variables, batch,
+                           method=model.encode_batch)  # [b, P, C]
+  out = decode.beam_search_features(model, variables, features, **search)
   return {'tokens': out.tokens[:, 0],  # [b, T]
           'image/id': batch['image/id'], 'mask': batch['mask']}
 

@@ -63,11 +63,6 @@ class DecodeSplit:
     self._search = _compiled_search(par, model, config.data.max_len,
                                     self.options)
 
-  def done(self, step: int) -> bool:
-    """Whether `step` has been decoded and scored already."""
-    return os.path.exists(
-        workdir_lib.decode_metrics_path(self._workdir, self.split, step))
-
   def captions(self, state) -> dict[int, str]:
     """Captions of every image of the split, by image id."""
     batch_size = self._config.decode.batch_size or self._config.batch_size
@@ -79,7 +74,8 @@ class DecodeSplit:
         batch_size=batch_size // jax.process_count())
     captions = {}
     for batch in batches:
-      rows = {k: batch[k] for k in ('image', 'image/id', 'mask')}
+      rows = {k: batch[k] for k in ('image', 'features', 'image/id', 'mask')
+              if k in batch}
       out = self._par.fetch(self._search(state, self._par.put_batch(rows)))
       captions.update(common.captions_of(out, self._data.vocab))
     return captions

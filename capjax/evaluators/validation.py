@@ -25,8 +25,8 @@ from capjax.evaluators import common
 def _validate(state, batch, *, model, config, options):
   """Per device: the loss sums of `batch` and its decoded captions."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  features = model.apply(variables, batch['image'],
-                         method=model.encode)  # [b, P, C]
+  features = model.apply(variables, batch,
+                         method=model.encode_batch)  # [b, P, C]
   logits, alphas = model.apply(variables, features, batch['captions'],
                                method=model.teacher_forcing)
   sums = losses.caption_losses(logits, batch['captions'], alphas,

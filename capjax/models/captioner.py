@@ -21,6 +21,8 @@ Variables: params {'encoder', 'decoder'} and batch_stats {'encoder'}.
                                      method=model.decode_step)
   # The same from images encoded once, for several uses:
   features = model.apply(variables, images, method=model.encode)
+  # or from a batch of images or of cached features alike:
+  features = model.apply(variables, batch, method=model.encode_batch)
   logits, alphas = model.apply(variables, features, captions,
                                method=model.teacher_forcing)
   cache = model.apply(variables, features, method=model.prepare)
@@ -107,22 +109,41 @@ class CaptionModel(nn.Module):
             dropout_rate=self.dropout_rate, dtype=self.dtype),
         unroll=self.unroll)
 
-  def encode(self, images: Array, train: bool = False) -> Array:
-    """images [B, S, S, 3] (pixels, 0..255) -> features [B, P, C]."""
+  def encode_grid(self, images: Array, train: bool = False) -> Array:
+    """images [B, S, S, 3] (pixels, 0..255) -> the grid [B, h, w, C].
+
+    What the feature cache stores (`capjax.cache_features`).
+    """
     images = normalize(images, self.normalization)
     # A frozen encoder's statistics must not drift with the caption data,
     # so its BatchNorm always normalizes with the stored running averages.
     freeze_bn = self.frozen or self.freeze_bn
     features = self.encoder(images, train=train,
                             freeze_bn=freeze_bn)  # [B, h, w, C]
-    features = resnet.pool_grid(features, self.grid)  # [B, g, g, C]
-    batch, height, width, channels = features.shape
-    features = features.reshape(batch, height * width,
-                                channels)  # [B, P, C]
+    return resnet.pool_grid(features, self.grid)  # [B, g, g, C]
+
+  def encode(self, images: Array, train: bool = False) -> Array:
+    """images [B, S, S, 3] (pixels, 0..255) -> features [B, P, C]."""
+    return self.annotations(self.encode_grid(images, train))
+
+  def annotations(self, grid: Array) -> Array:
+    """The grid [B, h, w, C] -> the P = h * w vectors [B, P, C] attended
+    over, in the compute dtype."""
+    batch, height, width, channels = grid.shape
+    features = grid.reshape(batch, height * width,
+                            channels).astype(self.dtype)  # [B, P, C]
     if self.frozen:
       # Zero gradient into the encoder: XLA then drops its backward pass.
       features = jax.lax.stop_gradient(features)
     return features
+
+  def encode_batch(self, batch: dict[str, Array],
+                   train: bool = False) -> Array:
+    """A batch's features [B, P, C]: from its `features` [B, h, w, C] when
+    it carries them (the feature cache), else from its `image` pixels."""
+    if 'features' in batch:
+      return self.annotations(batch['features'])
+    return self.encode(batch['image'], train)
 
   def __call__(self, images: Array, captions: Array,
                train: bool = False) -> tuple[Array, Array]:
@@ -140,6 +161,13 @@ class CaptionModel(nn.Module):
     """
     features = self.encode(images, train)  # [B, P, C], once per image
     return self.teacher_forcing(features, captions, train)
+
+  def caption_batch(self, batch: dict[str, Array],
+                    train: bool = False) -> tuple[Array, Array]:
+    """`__call__` on a batch: its `captions` [B, K, L], and `image` pixels
+    or cached `features` (see `encode_batch`)."""
+    return self.teacher_forcing(self.encode_batch(batch, train),
+                                batch['captions'], train)
 
   def teacher_forcing(self, features: Array, captions: Array,
                       train: bool = False) -> tuple[Array, Array]:

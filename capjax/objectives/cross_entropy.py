@@ -54,7 +54,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
     (logits, alphas), updates = model.apply(
-        variables, batch['image'], batch['captions'], train=True,
+        variables, batch, train=True, method=model.caption_batch,
         rngs={'dropout': rng}, mutable=['batch_stats'] if bn_trains else [])
     sums = losses.caption_losses(logits, batch['captions'], alphas,
                                  batch['mask'], t.label_smoothing)

@@ -137,8 +137,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    features = model.apply(variables, batch['image'],
-                           method=model.encode)  # [B, P, C], once per image
+    features = model.apply(variables, batch,
+                           method=model.encode_batch)  # [B, P, C], once each
     cache = model.apply(variables, features, method=model.prepare)
     samples = decode.sample(model, variables, cache, sample_rng,
                             num_samples=s.num_samples,
