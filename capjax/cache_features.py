@@ -107,9 +107,13 @@ def _build(config, data, model, state, par, cache, names, force) -> None:
   if not todo:
     return
   if not (force or d.prepare):
+    others = cache.others()
     raise UserError(
         f'no features of {", ".join(todo)} for this encoder in '
-        f'{cache.folder}: make them with --mode=cache_features (or set '
+        f'{cache.folder}' + (
+            f' (the {len(others)} other caches there are of other weights '
+            'or settings, and are not read)' if others else '') +
+        ': make them with --mode=cache_features (or set '
         '--config.data.prepare=True to make them now)')
   batch_size = d.features.batch_size or config.batch_size
   if batch_size % jax.device_count():
@@ -124,8 +128,9 @@ def _build(config, data, model, state, par, cache, names, force) -> None:
   progress = records.Progress(cache.folder, total) if chief else None
   logging.info('Encoding %s (%d images) with %s into %s.', ', '.join(todo),
                total, config.model.encoder.arch, cache.folder)
+  pixels_of = dataclasses.replace(data, features=None)  # The images.
   for split in todo:
-    images_of = data.source(split)
+    images_of = pixels_of.source(split)
     about = datasets.without_images(data.builder, split)  # Ids, captions.
 
     def shard_records(indices, images_of=images_of, about=about):

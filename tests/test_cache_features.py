@@ -165,12 +165,17 @@ def test_refusals_are_one_line(test_config, tmp_path):
   config.data.features.dtype = 'float16'
   with pytest.raises(UserError, match="features.dtype='float16'"):
     config_lib.check(config)
-  config.data.features.dtype = 'float32'
+  config.data.features.dtype = 'bfloat16'
   s = start_lib.start(config, str(tmp_path))
   s.checkpoints.close()
+  # A cache of these weights, stored otherwise: not the one asked for.
+  cache_features.build(config, s.data, s.model, s.state, s.par,
+                       ['validation'], force=True)
+  config.data.features.dtype = 'float32'
   config.data.prepare = False
   with pytest.raises(UserError, match='no features of train, test, '
-                     'validation for this encoder.*--mode=cache_features'):
+                     'validation for this encoder.*other caches there are of '
+                     'other weights.*--mode=cache_features'):
     cache_features.attach(config, s.data, s.model, s.state, s.par)
   # Made for one split only: asking for another is named.
   built = cache_features.build(config, s.data, s.model, s.state, s.par,

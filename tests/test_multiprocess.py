@@ -49,10 +49,10 @@ def _run(cmd, env):
   return out, err
 
 
-def _job(workdir, data_dir, steps, processes):
+def _job(workdir, data_dir, steps, processes, extra=()):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   args = [*FLAGS, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-          f'--config.train.num_steps={steps}']
+          f'--config.train.num_steps={steps}', *extra]
   if processes == 1:
     env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
     return _run([sys.executable, '-m', 'capjax.main', *args], env)
@@ -124,6 +124,26 @@ def test_another_process_count_needs_discard_data_state(runs, test_config):
   test_config.train.discard_data_state = True
   state = train.train_and_evaluate(test_config, two)
   assert int(state.step) == 9
+
+
+def test_two_processes_build_and_train_from_the_feature_cache(
+    shapes_data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  out, err = _job(workdir, shapes_data_dir, 3, processes=2, extra=[
+      '--config.seed=11',  # An encoder, so a cache, of this test's own.
+      '--config.model.encoder.frozen=True',
+      '--config.train.allow_random_frozen_encoder=True',
+      '--config.data.features.use=True', '--config.data.features.dtype=float32',
+      '--config.data.features.batch_size=12'])
+  assert 'Encoding train, test, validation (384 images)' in err
+  folder = err.split(' into ')[1].split('.\n')[0]
+  # Written once, by process 0, complete: 256 + 64 + 64 images.
+  for split, n in (('train', 256), ('validation', 64), ('test', 64)):
+    with open(os.path.join(folder, f'{split}.json')) as f:
+      assert json.load(f)['num_examples'] == n
+  assert not [f for f in os.listdir(folder) if '.tmp-' in f]
+  assert out.count('test at step 3, beam 3') == 1
+  assert len(_captions(workdir, 3)) == 64
 
 
 def _free_port() -> int:

@@ -106,6 +106,17 @@ class Cache:
       finally:
         fcntl.flock(f, fcntl.LOCK_UN)
 
+  def others(self) -> list[str]:
+    """The folders of this dataset's caches for other encoders."""
+    prefix = f'{os.fspath(self.builder.data_dir)}-features-'
+    parent = os.path.dirname(prefix)
+    if not os.path.isdir(parent):
+      return []
+    return sorted(os.path.join(parent, n) for n in os.listdir(parent)
+                  if os.path.join(parent, n).startswith(prefix) and
+                  os.path.isdir(os.path.join(parent, n)) and
+                  os.path.join(parent, n) != self.folder)
+
   def header(self, split: str) -> dict[str, Any]:
     return {'format': FORMAT, 'fingerprint': self.fingerprint,
             'description': self.description, 'split': split,

@@ -90,8 +90,8 @@ class Progress:
     self.started = time.monotonic()
 
   def skipped(self, n: int) -> None:
+    """`n` examples found written by an earlier build."""
     self.done += n
-    self.total -= n
 
   def wrote(self, split: str, shard: int, num_shards: int, n: int) -> None:
     self.done += n
