@@ -16,6 +16,10 @@
           against the cross-entropy step of the same model and batch, and
           the share of the step the on-device CIDEr-D reward takes (the
           reward alone, jitted, on one device's share of the batch).
+  features  the frozen-encoder train and SCST steps from images and from
+          the feature cache's batches (random features of the encoder's
+          grid), their speed-up and XLA FLOP counts, and the size of
+          COCO's cache at 7x7 and 14x14.
   input   images/s of the real input pipeline (TFDS + grain, JPEG decoding)
           with each --workers, from the copy at the training resolution
           and from the original files (--sources); on the config's dataset,
@@ -71,7 +75,7 @@ PEAK_FLOPS = {
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('what', ['train', 'decode'], 'Benchmarks to run: train, '
-                  'decode, scst, input, score.')
+                  'decode, scst, features, input, score.')
 flags.DEFINE_list('per_device_batch', [], 'Train: images per device; '
                   "default: the config's batch_size over the devices.")
 flags.DEFINE_integer('steps', 10, 'Train: steps per timed run.')
@@ -172,6 +176,24 @@ def synthetic_batch(config, batch: int, vocab_size: int,
   }, int((lengths - 1).sum())
 
 
+def as_features(config, model, host_batch: dict[str, np.ndarray],
+                seed: int = 0) -> dict[str, np.ndarray]:
+  """`host_batch` as the feature cache sends it: random features [B, h, w,
+  C] in `data.features.dtype` in place of the images."""
+  images = host_batch['image']
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), images[:1],
+                         host_batch['captions'][:1]))
+  grid = jax.eval_shape(
+      lambda v: model.apply(v, images[:1], method=model.encode_grid),
+      variables)
+  dtype = jnp.dtype(config.data.features.dtype)  # bfloat16 or float32
+  rng = np.random.default_rng(seed)
+  features = rng.random((len(images),) + grid.shape[1:], np.float32)
+  batch = {k: v for k, v in host_batch.items() if k != 'image'}
+  return batch | {'features': features.astype(dtype)}
+
+
 def step_flops(par, train_step, model, tx, config, *args) -> float | None:
   """FLOPs per device of one train step, as XLA counts them.
 
@@ -187,8 +209,10 @@ def step_flops(par, train_step, model, tx, config, *args) -> float | None:
 
 
 def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
-                repeats: int, vocab_size: int) -> dict[str, Any]:
-  """One train setup: throughput, FLOPs, MFU and memory."""
+                repeats: int, vocab_size: int,
+                features: bool = False) -> dict[str, Any]:
+  """One train setup: throughput, FLOPs, MFU and memory; with `features`,
+  the frozen encoder's step from the feature cache's batches."""
   config = config.copy_and_resolve_references()
   config.unlock()
   config.model.encoder.frozen = frozen
@@ -205,6 +229,8 @@ def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
   step = par.step(functools.partial(cross_entropy.train_step, model=model,
                                     tx=tx, config=config))
   host_batch, tokens = synthetic_batch(config, config.batch_size, vocab_size)
+  if features:
+    host_batch = as_features(config, model, host_batch)
   batch = par.put_batch(host_batch)
   rng = jax.random.key(1)
   state = par.put_state(state)
@@ -223,6 +249,7 @@ def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
   memory = (device.memory_stats() or {}).get('peak_bytes_in_use')
   return {
       'encoder': 'frozen' if frozen else 'fine-tuned',
+      'input': 'features' if features else 'images',
       'per_device_batch': per_device_batch, 'devices': jax.device_count(),
       'step_seconds': seconds,
       'images_per_second': config.batch_size / seconds,
@@ -235,8 +262,9 @@ def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
 
 
 def bench_scst(config, per_device_batch: int, steps: int, repeats: int,
-               vocab_size: int) -> dict[str, Any]:
-  """Seconds per SCST step and per cross-entropy step, and the reward's."""
+               vocab_size: int, features: bool = False) -> dict[str, Any]:
+  """Seconds per SCST step and per cross-entropy step, and the reward's;
+  with `features`, from the feature cache's batches."""
   config = config.copy_and_resolve_references()
   config.unlock()
   config.batch_size = per_device_batch * jax.device_count()
@@ -248,6 +276,8 @@ def bench_scst(config, per_device_batch: int, steps: int, repeats: int,
   host_batch['references'] = synthetic_batch(  # [B, R, L]
       _with_k(config, s.max_references), config.batch_size, vocab_size,
       seed=1)[0]['captions']
+  if features:
+    host_batch = as_features(config, model, host_batch)
   # Document frequencies of 5,000 images' references, COCO's test size.
   corpus = synthetic_batch(_with_k(config, s.max_references), 5_000,
                            vocab_size, seed=2)[0]['captions'][..., 1:]
@@ -256,7 +286,8 @@ def bench_scst(config, per_device_batch: int, steps: int, repeats: int,
       np.repeat(np.arange(5_000), s.max_references), eos=s.eos)
   batch = par.put_batch(host_batch)
   rng = jax.random.key(1)
-  out = {'per_device_batch': per_device_batch, 'samples': s.num_samples,
+  out = {'input': 'features' if features else 'images',
+         'per_device_batch': per_device_batch, 'samples': s.num_samples,
          'baseline': s.baseline, 'devices': jax.device_count()}
   for name, fn, extra in (
       ('cross_entropy', cross_entropy.train_step, ()),
@@ -289,6 +320,58 @@ def bench_scst(config, per_device_batch: int, steps: int, repeats: int,
   out['reward_fraction'] = out['reward_seconds'] / out['scst_step_seconds']
   out['scst_over_cross_entropy'] = (out['scst_step_seconds'] /
                                     out['cross_entropy_step_seconds'])
+  return out
+
+
+def bench_features(config) -> dict[str, Any]:
+  """The frozen-encoder train and SCST steps from images and from the
+  feature cache's features, and what the cache of COCO takes."""
+  batch = (int(FLAGS.per_device_batch[0]) if FLAGS.per_device_batch else
+           max(1, config.batch_size // jax.device_count()))
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  config.model.encoder.frozen = True
+  out = {'per_device_batch': batch, 'dtype': config.data.features.dtype}
+  for source in ('images', 'features'):
+    out[f'train_{source}'] = bench_train(
+        config, batch, True, FLAGS.steps, FLAGS.repeats, FLAGS.vocab_size,
+        features=source == 'features')
+    out[f'scst_{source}'] = bench_scst(
+        config, batch, FLAGS.steps, FLAGS.repeats, FLAGS.vocab_size,
+        features=source == 'features')
+  images, features = out['train_images'], out['train_features']
+  out['train_speedup'] = images['step_seconds'] / features['step_seconds']
+  out['scst_speedup'] = (out['scst_images']['scst_step_seconds'] /
+                         out['scst_features']['scst_step_seconds'])
+  if images['gflop_per_step_per_device'] and features[
+      'gflop_per_step_per_device']:
+    out['flop_ratio'] = (images['gflop_per_step_per_device'] /
+                         features['gflop_per_step_per_device'])
+  # On paper: the cache of COCO's 123,287 images (Karpathy train + restval
+  # + val + test) at the grids of 224 and 448 px.
+  channels = models.resnet.feature_dim(config.model.encoder.arch)
+  itemsize = jnp.dtype(config.data.features.dtype).itemsize
+  out['coco_cache_gb'] = {
+      f'{g}x{g}': g * g * channels * itemsize * 123_287 / 1e9
+      for g in (7, 14)}
+  print(f'features ({jax.devices()[0].device_kind} x{jax.device_count()}, '
+        f'{config.model.encoder.arch}, {config.data.image_size} px, '
+        f'batch/dev {batch}, frozen encoder, features in '
+        f'{config.data.features.dtype}):')
+  print('  step            images ms   features ms   speed-up   GFLOP/step '
+        'images -> features')
+  fmt = lambda v: f'{v:.1f}' if v else '-'
+  print(f'  cross-entropy {images["step_seconds"] * 1e3:>11.1f} '
+        f'{features["step_seconds"] * 1e3:>13.1f} '
+        f'{out["train_speedup"]:>9.2f}x   '
+        f'{fmt(images["gflop_per_step_per_device"])} -> '
+        f'{fmt(features["gflop_per_step_per_device"])}')
+  print(f'  scst          '
+        f'{out["scst_images"]["scst_step_seconds"] * 1e3:>11.1f} '
+        f'{out["scst_features"]["scst_step_seconds"] * 1e3:>13.1f} '
+        f'{out["scst_speedup"]:>9.2f}x')
+  print('  COCO cache (123,287 images, ' + ', '.join(
+      f'{k}: {v:.1f} GB' for k, v in out['coco_cache_gb'].items()) + ')')
   return out
 
 
@@ -476,6 +559,8 @@ def run(config) -> dict[str, Any]:
             f'{fmt(r["gflop_per_step_per_device"], ".1f"):>15} '
             f'{fmt(r["mfu"] and 100 * r["mfu"], ".1f"):>6} '
             f'{fmt(r["peak_memory_gib"], ".2f"):>9}')
+  if 'features' in FLAGS.what:
+    results['features'] = bench_features(config)
   if 'decode' in FLAGS.what:
     batch = FLAGS.batch or config.decode.batch_size or config.batch_size
     results['decode'] = bench_decode(config, FLAGS.workdir,

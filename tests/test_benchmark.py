@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -12,7 +14,8 @@ def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'capjax.benchmark', '--config=configs/test.py',
        f'--config.data.data_dir={shapes_data_dir}',
-       '--what=train,decode,scst,input,score', '--per_device_batch=1',
+       '--what=train,decode,scst,features,input,score',
+       '--per_device_batch=1',
        '--steps=1',
        '--beams=1,2', '--batch=8', '--workers=0', '--input_batches=2',
        '--repeats=1', '--score_images=50',
@@ -40,6 +43,15 @@ def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
   assert all(r['images_per_second'] > 0 for r in inputs.values())
   assert inputs['copy']['copy_bytes_per_image'] > 0
   assert results['score']['images'] == 50 and results['score']['metrics'] > 0
+  features = results['features']
+  assert features['train_features']['input'] == 'features'
+  assert features['train_images']['input'] == 'images'
+  # XLA's count: the features skip the encoder's forward pass.
+  assert (features['train_images']['gflop_per_step_per_device'] >
+          features['train_features']['gflop_per_step_per_device'] > 0)
+  assert features['train_speedup'] > 0 and features['scst_speedup'] > 0
+  assert features['coco_cache_gb']['14x14'] == pytest.approx(
+      4 * features['coco_cache_gb']['7x7'])
   assert 'fine-tuned' in proc.stdout and 'beam 2:' in proc.stdout
   assert 'reward share' in proc.stdout
 
