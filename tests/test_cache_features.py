@@ -188,7 +188,14 @@ def test_refusals_are_one_line(test_config, tmp_path):
 def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   config = _frozen(test_config, seed=5)
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
+  straight = train.train_and_evaluate(config, workdir)
+  # Stopped at step 3 and resumed: the very state of the straight run.
+  config.train.num_steps = 3
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  config.train.num_steps = 6
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed),
+               jax.device_get(straight))
   s = start_lib.start(config, workdir)  # At step 6.
   s.checkpoints.close()
   cache = cache_features.cache_of(config, s.data, s.model, s.state)
