@@ -82,9 +82,10 @@ flags.DEFINE_integer('steps', 10, 'Train: steps per timed run.')
 flags.DEFINE_integer('vocab_size', 10_000, 'Words of the random models '
                      '(COCO has about 10,000; shapes 69).')
 flags.DEFINE_list('workers', ['0', '2'], 'Input: worker processes to try.')
-flags.DEFINE_list('sources', ['copy', 'original'], "Input: read the copy at "
-                  "the training resolution ('copy') and/or the dataset's own "
-                  "files ('original').")
+flags.DEFINE_list('sources', ['copy', 'original', 'features'],
+                  "Input: read the copy at the training resolution ('copy'), "
+                  "the dataset's own files ('original'), and/or the feature "
+                  "cache of a random frozen encoder ('features').")
 flags.DEFINE_integer('photos', 0, 'Input: read this many photo-like 640x480 '
                      "JPEGs (capjax.data.photos) instead of the config's "
                      'dataset.')
@@ -420,11 +421,13 @@ def bench_input(config, workdir: str | None, workers: list[int],
 
   sources: 'copy' reads the copy at the training resolution
   (`capjax.data.resized`; its one-off build is timed too), 'original' the
-  dataset's own files, decoded at reduced scale.
+  dataset's own files, decoded at reduced scale, 'features' the feature
+  cache of a random frozen encoder (built from the copy, timed too).
   """
   # The data libraries (TFDS, grain) are optional where only JAX is, and
   # only this benchmark needs them.
   # pylint: disable=g-import-not-at-top
+  from capjax import cache_features
   from capjax.data import datasets
   from capjax.data import pipeline
   from capjax.data import prepare
@@ -439,24 +442,43 @@ def bench_input(config, workdir: str | None, workers: list[int],
   rows = []
   for kind in sources:
     d = config.data.copy_and_resolve_references()
-    d.resized_copy = kind == 'copy'
+    d.resized_copy = kind in ('copy', 'features')
     row = {'source': kind}
     names = datasets.split_names(split)
     if d.resized_copy and resized.missing(data.builder, names, d.image_size):
       start = time.perf_counter()
       prepare.build_copy(data.builder, names, d.image_size)
       row['copy_seconds'] = time.perf_counter() - start
-    source = prepare.Data(data.builder, data.vocab, d).source(split)
-    if d.resized_copy:
+    kind_data = prepare.Data(data.builder, data.vocab, d)
+    if kind == 'features':
+      c = config.copy_and_resolve_references()
+      c.data = d
+      c.model.encoder.frozen = True
+      model = models.build_captioner(c.model, len(data.vocab),
+                                     d.normalization)
+      par = parallel.Parallel(c)
+      state = jax.jit(functools.partial(state_lib.create, c, model, None),
+                      out_shardings=par.replicated)(jax.random.key(0))
+      start = time.perf_counter()
+      cache = cache_features.build(c, kind_data, model, state, par, names,
+                                   force=True)
+      row['cache_seconds'] = time.perf_counter() - start
+      kind_data = prepare.Data(data.builder, data.vocab, d, features=cache)
+    source = kind_data.source(split)
+    if kind == 'copy':
       row['copy_bytes_per_image'] = resized.size_on_disk(
           data.builder, names, d.image_size) / len(source)
+    if kind == 'features':
+      row['features_bytes_per_image'] = cache.size_on_disk(names) / len(
+          source)
     for n in workers:
       c = config.copy_and_resolve_references()
       c.data.workers = n
       it = iter(pipeline.train_dataset(c, source, data.vocab))
       next(it)  # Starts the threads and workers.
       seconds = _median_seconds(
-          lambda: [next(it) for _ in range(batches)][-1]['image'], repeats)
+          lambda: [next(it) for _ in range(batches)][-1]['captions'],
+          repeats)
       rows.append(dict(row, workers=n, cores=_cores(),
                        images_per_second=batches * c.batch_size / seconds))
   return rows
@@ -603,8 +625,11 @@ def run(config) -> dict[str, Any]:
       extra = ''
       if 'copy_seconds' in r:
         extra += f'  (copy made in {r["copy_seconds"]:.1f} s)'
-      if 'copy_bytes_per_image' in r:
-        extra += f'  {r["copy_bytes_per_image"] / 1e3:.1f} KB/image'
+      if 'cache_seconds' in r:
+        extra += f'  (cache made in {r["cache_seconds"]:.1f} s)'
+      for k in ('copy_bytes_per_image', 'features_bytes_per_image'):
+        if k in r:
+          extra += f'  {r[k] / 1e3:.1f} KB/image'
       print(f'  {r["source"]:<8} {r["workers"]} workers: '
             f'{r["images_per_second"]:9.1f} images/s{extra}')
   if 'score' in FLAGS.what:

@@ -39,7 +39,8 @@ def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
   assert scst['cross_entropy_step_seconds'] > 0
   assert 0 < scst['reward_fraction'] < 1
   inputs = {r['source']: r for r in results['input']}
-  assert set(inputs) == {'copy', 'original'}
+  assert set(inputs) == {'copy', 'original', 'features'}
+  assert inputs['features']['features_bytes_per_image'] > 0
   assert all(r['images_per_second'] > 0 for r in inputs.values())
   assert inputs['copy']['copy_bytes_per_image'] > 0
   assert results['score']['images'] == 50 and results['score']['metrics'] > 0
