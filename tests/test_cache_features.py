@@ -40,6 +40,11 @@ def small_shards(monkeypatch):
   monkeypatch.setattr(feature_cache, 'SHARD_SIZE', 48)  # 256 train: 6.
 
 
+def _assert_close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), a, b)
+
+
 def _files(folder):
   out = {}
   for name in sorted(os.listdir(folder)):
@@ -183,6 +188,15 @@ def test_refusals_are_one_line(test_config, tmp_path):
   data = dataclasses.replace(s.data, features=built)
   with pytest.raises(UserError, match='has no features of test'):
     data.source('test')
+  # A damaged shard: the split is not read (and is made again if allowed).
+  shard = os.path.join(built.folder, 'validation-00000.array_record')
+  with open(shard, 'r+b') as f:
+    f.truncate(100)
+  with pytest.raises(UserError, match='has no features of validation'):
+    data.source('validation')
+  config.data.prepare = True
+  cache_features.attach(config, s.data, s.model, s.state, s.par)
+  assert len(data.source('validation')) == 64
 
 
 def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
@@ -196,6 +210,10 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed),
                jax.device_get(straight))
+  # From the images: the same training, to float32's rounding.
+  config.data.features.use = False
+  from_images = train.train_and_evaluate(config, str(tmp_path / 'images'))
+  _assert_close(from_images.params, straight.params)
   s = start_lib.start(config, workdir)  # At step 6.
   s.checkpoints.close()
   cache = cache_features.cache_of(config, s.data, s.model, s.state)
@@ -227,3 +245,6 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   config.evals.test.every_steps = -1
   state = train.train_and_evaluate(config, str(tmp_path / 'scst'))
   assert int(state.step) == 2
+  config.data.features.use = False
+  from_images = train.train_and_evaluate(config, str(tmp_path / 'scst_im'))
+  _assert_close(from_images.params, state.params)
