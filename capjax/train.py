@@ -70,10 +70,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   t = config.train
   is_chief = jax.process_index() == 0
   # ------------------------------------------- data, model, first state
-  s = start_lib.start(config, workdir)
+  begun = start_lib.start(config, workdir)
   data, par, objective, model, tx, meta, checkpoints, state, start = (
-      s.data, s.par, s.objective, s.model, s.tx, s.meta, s.checkpoints,
-      s.state, s.step)
+      begun.data, begun.par, begun.objective, begun.model, begun.tx,
+      begun.meta, begun.checkpoints, begun.state, begun.step)
   if start >= t.num_steps:
     logging.info('Already trained to step %d of %d.', start, t.num_steps)
 
@@ -135,7 +135,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         step += 1
         batch = par.put_batch(next(train_iter))
         p_step = p_frozen if step <= frozen_until else p_train
-        state, metrics = p_step(state, batch, s.step_rng, *constants)
+        state, metrics = p_step(state, batch, begun.step_rng, *constants)
         pending.append(metrics)
         for hook in hooks:
           hook(step)
