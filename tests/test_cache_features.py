@@ -229,6 +229,13 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   from_cache = evaluate.decode_checkpoint(config, workdir)
   with open(os.path.join(workdir, 'decode', 'test_step6.json')) as f:
     captions_from_cache = f.read()
+  # The sidecar, on another split: from the cache, and done at the last step.
+  sidecar = config.copy_and_resolve_references()
+  sidecar.decode.split = 'validation'
+  sidecar.decode.poll_seconds = sidecar.decode.timeout_seconds = 0
+  evaluate.evaluate_continuously(sidecar, workdir)
+  assert os.path.exists(os.path.join(workdir, 'decode',
+                                     'validation_step6_metrics.json'))
   config.data.features.use = False
   from_images = evaluate.decode_checkpoint(config, workdir)
   with open(os.path.join(workdir, 'decode', 'test_step6.json')) as f:

@@ -5,8 +5,8 @@ about 3 ms: a 16-core host then feeds ~3,000 images/s, a fraction of what a
 GPU trains on. So every split is copied once, resized to
 `config.data.image_size` and stored as a small JPEG, and training,
 validation and decoding read that copy (about 9x the images per core:
-see BENCHMARKS.md). The original TFDS dataset stays the source of truth; a copy at
-another resolution is simply another copy.
+see BENCHMARKS.md). The original TFDS dataset stays the source of truth; a
+copy at another resolution is simply another copy.
 
 The copy lives beside the dataset in the TFDS data dir, named by its
 resolution: `<data_dir>/coco_captions/2014/1.1.0-224px/`, a store of
