@@ -3,6 +3,10 @@ same results as the images."""
 
 import dataclasses
 import os
+import subprocess
+import sys
+import threading
+import time
 
 from clu import metric_writers
 import jax
@@ -18,6 +22,7 @@ from capjax import train
 from capjax.data import feature_cache
 from capjax.data import pipeline
 from capjax.errors import UserError
+from conftest import REPO
 
 
 def _frozen(config, dtype='float32', seed=0):
@@ -255,3 +260,53 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   config.data.features.use = False
   from_images = train.train_and_evaluate(config, str(tmp_path / 'scst_im'))
   _assert_close(from_images.params, state.params)
+
+
+_BUILD = '''
+import sys
+from absl import logging
+from capjax import cache_features
+from capjax import start as start_lib
+import test_cache_features as t
+from configs import test
+logging.set_verbosity(logging.INFO)
+config = t._frozen(test.get_config(), seed=6)
+config.data.data_dir = sys.argv[1]
+s = start_lib.start(config, sys.argv[2])
+s.checkpoints.close()
+cache = cache_features.build(config, s.data, s.model, s.state, s.par,
+                             ['validation'])
+print(cache.folder)
+'''
+
+
+def test_a_second_builder_waits_for_the_first(test_config, tmp_path):
+  config = _frozen(test_config, seed=6)
+  s = start_lib.start(config, str(tmp_path / 'one'))
+  s.checkpoints.close()
+  cache = cache_features.cache_of(config, s.data, s.model, s.state)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(__file__), REPO]))
+  lines = []
+  with cache.lock():  # As a first builder would hold it.
+    proc = subprocess.Popen(
+        [sys.executable, '-c', _BUILD, config.data.data_dir,
+         str(tmp_path / 'two')], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr))
+    reader.start()
+    try:
+      deadline = time.monotonic() + 120
+      while not any('Waiting for another job building' in l for l in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, lines
+        time.sleep(0.2)
+      time.sleep(1)  # Still waiting: nothing written meanwhile.
+      assert cache.missing(['validation']) == ['validation']
+    except BaseException:
+      proc.kill()
+      raise
+  out = proc.stdout.read()
+  assert proc.wait(timeout=120) == 0, ''.join(lines)[-3000:]
+  reader.join()
+  assert out.strip() == cache.folder
+  assert not cache.missing(['validation'])
