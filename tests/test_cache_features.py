@@ -58,7 +58,8 @@ def _files(folder):
   return out
 
 
-def _validate(config, s, data):
+def _validate(config, s, data, monkeypatch):
+  """Validation's metrics, and the captions it decoded by image id."""
   evaluator = evaluators.Validation(
       'val', config.evals.val, config=config, par=s.par, model=s.model,
       data=data, workdir='')
@@ -71,17 +72,16 @@ def _validate(config, s, data):
     captions.update(out)
     return out
 
-  evaluators.common.captions_of = keep
-  try:
+  with monkeypatch.context() as patch:
+    patch.setattr(evaluators.common, 'captions_of', keep)
     metrics = evaluator.run(s.par.put_state(s.state), 0, writer)
-  finally:
-    evaluators.common.captions_of = original
   return metrics, captions
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_features_give_the_results_of_the_images(test_config, tmp_path,
-                                                 small_shards, dtype):
+                                                 small_shards, monkeypatch,
+                                                 dtype):
   config = _frozen(test_config, dtype, seed=1)
   config.evals.val.num_batches = -1  # All 64 images.
   s = start_lib.start(config, str(tmp_path))
@@ -91,8 +91,8 @@ def test_features_give_the_results_of_the_images(test_config, tmp_path,
   example = data.source('validation')[0]
   assert 'image' not in example
   assert example['features'].dtype == feature_cache.DTYPES[dtype]
-  from_images, captions_images = _validate(config, s, s.data)
-  from_features, captions_features = _validate(config, s, data)
+  from_images, captions_images = _validate(config, s, s.data, monkeypatch)
+  from_features, captions_features = _validate(config, s, data, monkeypatch)
   if dtype == 'float32':
     for k, v in from_images.items():
       assert from_features[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k

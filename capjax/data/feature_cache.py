@@ -108,14 +108,14 @@ class Cache:
 
   def others(self) -> list[str]:
     """The folders of this dataset's caches for other encoders."""
-    prefix = f'{os.fspath(self.builder.data_dir)}-features-'
-    parent = os.path.dirname(prefix)
+    parent, prefix = os.path.split(
+        f'{os.fspath(self.builder.data_dir)}-features-')
     if not os.path.isdir(parent):
       return []
-    return sorted(os.path.join(parent, n) for n in os.listdir(parent)
-                  if os.path.join(parent, n).startswith(prefix) and
-                  os.path.isdir(os.path.join(parent, n)) and
-                  os.path.join(parent, n) != self.folder)
+    folders = (os.path.join(parent, n) for n in os.listdir(parent)
+               if n.startswith(prefix))
+    return sorted(f for f in folders
+                  if f != self.folder and os.path.isdir(f))
 
   def header(self, split: str) -> dict[str, Any]:
     return {'format': FORMAT, 'fingerprint': self.fingerprint,
