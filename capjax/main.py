@@ -3,7 +3,6 @@
     python -m capjax.main --config=configs/shapes.py --workdir=runs/shapes
 """
 
-import logging as py_logging
 import os
 import sys
 
@@ -13,12 +12,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from capjax import cli
 from capjax import config as config_lib
 from capjax import distributed
 from capjax.errors import UserError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
+CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/shapes.py.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for vocabulary, checkpoints, '
                     'logs and results.')
@@ -68,50 +68,8 @@ def run(config, workdir: str, mode: str) -> None:
     cache_features.run(config, workdir)
 
 
-def _load_config():
-  """--config's file, loaded (lazily, by the flag) with errors as one line."""
-  path = config_flags.get_config_filename(FLAGS['config'])
-  try:
-    config = FLAGS.config
-    config.keys()  # A file that failed to load left a stand-in that raises.
-    return config
-  except OSError as e:  # A missing or unreadable file.
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    raise UserError(f'cannot load --config={path}: '
-                    f'{lines[-1].strip() if lines else type(e).__name__}'
-                    ) from None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with config-override mistakes as one line, not a trace."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'capjax: error: {e}')
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections wraps the message of a misspelt field in a repr.
-    message = str(e).strip('\'"').replace('\\n', ' ').replace("\\'", "'")
-    sys.exit(f'capjax: error: bad --config override: {message}')
-  except SyntaxError as e:
-    sys.exit(f'capjax: error: --config file {e.filename}, line {e.lineno}: '
-             f'{e.msg}')
-  except Exception as e:  # pylint: disable=broad-exception-caught
-    # get_config() of the --config file raised.
-    sys.exit(f'capjax: error: the --config file failed to load: '
-             f'{type(e).__name__}: {e}')
-
-
-class _QuietLibraries(py_logging.Filter):
-  """Drops the INFO lines orbax and TFDS write for every save and read."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(
-        f'/{lib}/' in record.pathname
-        for lib in ('orbax', 'tensorflow_datasets', 'grain'))
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
@@ -120,7 +78,7 @@ def main(argv):
     logging.info('JAX process %d of %d; local devices: %s',
                  jax.process_index(), jax.process_count(),
                  jax.local_devices())
-    config = _load_config()
+    config = cli.load_config(CONFIG)
     config_lib.check(config)
     run(config, FLAGS.workdir, FLAGS.mode)
   except UserError as e:
@@ -128,4 +86,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import time
+from typing import Callable
 
 from absl import logging
 from clu import metric_writers
@@ -51,22 +52,28 @@ def _learning_rate(config, step: int) -> float:
       step // max(t.grad_accum_steps, 1)))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> state_lib.TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str,
+    on_evaluated: Callable[[int, dict[str, float]], None] | None = None
+) -> state_lib.TrainState:
   """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
   Process 0 holds the workdir's lock meanwhile: a second trainer on the
   same workdir stops at once with a line naming this one.
+
+  `on_evaluated(step, metrics)`, if given, gets the periodic evaluators'
+  metrics of each step that ran them, once that step's checkpoint is saved
+  (the tuner reports them to its pruner; what it raises stops the run).
   """
   prepare.check_workdir(workdir)
   held = (workdir_lib.lock(workdir) if jax.process_index() == 0 else
           contextlib.nullcontext())
   with held:
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, on_evaluated)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict,
-                        workdir: str) -> state_lib.TrainState:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        on_evaluated) -> state_lib.TrainState:
   t = config.train
   is_chief = jax.process_index() == 0
   # ------------------------------------------- data, model, first state
@@ -160,6 +167,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
                            best_by)
         if save or due:
           since = time.perf_counter()  # examples/s counts training only.
+        if on_evaluated and eval_metrics:
+          on_evaluated(step, eval_metrics)
         if stop:
           logging.warning('%s received: saved step %d, stopping.',
                           preemption.signal, step)

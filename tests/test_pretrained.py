@@ -603,11 +603,11 @@ import sys
 sys.path.insert(0, 'tests')
 from absl import app
 import tensorflow_datasets as tfds
-from capjax import main
+from capjax import cli, main
 from conftest import coco_data_source
 with tfds.testing.mock_data(as_data_source_fn=coco_data_source):
   app.run(main.main, argv=['capjax.main'] + sys.argv[1:],
-          flags_parser=main.parse_flags)
+          flags_parser=cli.parse_flags)
 """
 
 

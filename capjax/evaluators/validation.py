@@ -21,6 +21,9 @@ from capjax import parallel
 from capjax.data import pipeline
 from capjax.evaluators import common
 
+# What `run` returns and logs, each as <evaluator name>_<metric>.
+METRICS = ('loss', 'cross_entropy', 'token_accuracy', 'BLEU-1', 'BLEU-2',
+           'BLEU-3', 'BLEU-4', 'ROUGE-L', 'CIDEr')
 
 def _validate(state, batch, *, model, config, options):
   """Per device: the loss sums of `batch` and its decoded captions."""
