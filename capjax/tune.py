@@ -118,8 +118,6 @@ def _spawn_workers(k: int) -> int:
   gpus = _gpus()
   if gpus and len(gpus) % k:
     raise UserError(f'--workers={k} cannot share {len(gpus)} GPUs evenly')
-  if k > len(cores):
-    raise UserError(f'--workers={k} is more than the {len(cores)} CPU cores')
   libc = ctypes.CDLL(None, use_errno=True)
   procs = []
   for i in range(k):
@@ -158,11 +156,14 @@ def tune(config, workdir: str) -> None:
   if SWEEP.value is None:
     raise UserError('--sweep is required to tune (e.g. '
                     '--sweep=configs/sweeps/shapes.py)')
+  if (TRIALS.value is not None and TRIALS.value < 1) or WORKERS.value < 1:
+    raise UserError('--trials and --workers must be at least 1')
+  if WORKERS.value > len(os.sched_getaffinity(0)):
+    raise UserError(f'--workers={WORKERS.value} is more than the '
+                    f'{len(os.sched_getaffinity(0))} CPU cores')
   sweep = sweep_lib.load(SWEEP.value)
   base = sweep_lib.check(sweep, config)
-  trials = TRIALS.value or sweep.trials
-  if trials < 1 or WORKERS.value < 1:
-    raise UserError('--trials and --workers must be at least 1')
+  trials = sweep.trials if TRIALS.value is None else TRIALS.value
   os.makedirs(workdir, exist_ok=True)
   url, storage = _storage(workdir, sweep)
   study = study_lib.open_study(storage, STUDY.value, sweep, config, url,

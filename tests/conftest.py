@@ -18,6 +18,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import functools
+import shutil
 
 from absl import flags
 import jax
@@ -240,3 +241,17 @@ def torch_state_dict(arch: str, seed: int, num_classes: int = 10):
   state['fc.bias'] = rng.normal(0, 0.1, num_classes)
   return {k: v if v.dtype == np.int64 else v.astype(np.float32)
           for k, v in state.items()}
+
+
+def chromium() -> str | None:
+  """A headless-capable Chromium, for the tests of pages we write."""
+  for name in ('chromium', 'chromium-browser', 'google-chrome'):
+    if shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def chromium_flags() -> list[str]:
+  return ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
+          '--disable-background-networking', '--disable-component-update',
+          '--disable-sync', f'--user-data-dir={tempfile.mkdtemp()}']

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 from PIL import Image
@@ -17,7 +16,7 @@ import pytest
 from capjax import inference
 from capjax import workdir as workdir_lib
 from capjax.data import scenes
-from conftest import REPO
+from conftest import REPO, chromium, chromium_flags
 
 GOOD = ['a.jpg', 'b.png', 'c.webp', 'd.bmp', 'e.gif', 'cmyk.jpg', 'deep.png',
         'rotated.jpg', 'huge.jpg', 'nested/f.JPEG']
@@ -170,21 +169,12 @@ def test_html_report_has_every_image_and_attention(cli_run, trained_workdir):
                          for s in sources)
 
 
-def _chromium():
-  for name in ('chromium', 'chromium-browser', 'google-chrome'):
-    if shutil.which(name):
-      return shutil.which(name)
-  return None
-
-
-@pytest.mark.skipif(_chromium() is None,
+@pytest.mark.skipif(chromium() is None,
                     reason='no Chromium (Debian package chromium) to render '
                     'the report in')
 def test_report_renders_in_headless_chromium(cli_run, tmp_path):
   _, report = cli_run
-  flags = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
-           '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', f'--user-data-dir={tempfile.mkdtemp()}']
+  flags = chromium_flags()
   # The DOM after loading, with a script that checks every image decoded.
   probe = tmp_path / 'probe.html'
   probe.write_text(report.read_text().replace(
@@ -192,14 +182,14 @@ def test_report_renders_in_headless_chromium(cli_run, tmp_path):
       '[...document.images].filter(i => i.complete && i.naturalWidth > 0)'
       '.length + "/" + document.images.length; };</script></body>'))
   dom = subprocess.run(
-      [_chromium(), *flags, '--virtual-time-budget=5000', '--dump-dom',
+      [chromium(), *flags, '--virtual-time-budget=5000', '--dump-dom',
        probe.as_uri()], capture_output=True, text=True, timeout=120,
       check=False).stdout
   loaded, total = map(int, re.search(r'data-ok="(\d+)/(\d+)"', dom).groups())
   assert total > 0 and loaded == total
   # And a screenshot of the page itself: the photos are there in colour.
   shot = tmp_path / 'shot.png'
-  subprocess.run([_chromium(), *flags, '--window-size=1000,800',
+  subprocess.run([chromium(), *flags, '--window-size=1000,800',
                   f'--screenshot={shot}', report.as_uri()],
                  capture_output=True, timeout=120, check=True)
   pixels = np.asarray(Image.open(shot).convert('RGB'), float)

@@ -104,7 +104,8 @@ def test_layers_import_downwards():
     return False
 
   above = {'capjax.main', 'capjax.train', 'capjax.evaluate', 'capjax.start',
-           'capjax.cache_features'}
+           'capjax.cache_features', 'capjax.tune'} | {
+               m for m in graph if m.startswith('capjax.tuning')}
   below = ['capjax.objectives', 'capjax.evaluators', 'capjax.state',
            'capjax.losses', 'capjax.decode', 'capjax.models', 'capjax.data',
            'capjax.checkpoint', 'capjax.inference']
@@ -112,5 +113,6 @@ def test_layers_import_downwards():
     for high in above:
       assert not reaches(low, high), f'{low} imports {high}'
   assert reaches('capjax.main', 'capjax.train')
+  assert reaches('capjax.tune', 'capjax.train')
   assert reaches('capjax.train', 'capjax.objectives')
   assert reaches('capjax.train', 'capjax.evaluators')

@@ -70,11 +70,14 @@ def open_study(storage: optuna.storages.BaseStorage, name: str,
     study = optuna.create_study(storage=storage, study_name=name,
                                 direction=sweep.direction,
                                 load_if_exists=True)
-  except ValueError as e:  # Another direction than the study's.
-    raise UserError(f'study {name!r} in {where}: {e}') from None
+  except ValueError as e:  # E.g. a damaged journal file.
+    raise UserError(f'cannot read study {name!r} in {where}: '
+                    f'{type(e).__name__}: {e}') from None
   saved = study.user_attrs.get(_RECORD)
   if saved is None:
     study.set_user_attr(_RECORD, record)
+    for params in sweep.enqueue:
+      study.enqueue_trial(params, skip_if_exists=True)
   elif saved != record:
     what = next(k for k in record if saved.get(k) != record[k])
     what = {'space': 'another search space', 'objective': 'another '
@@ -84,8 +87,6 @@ def open_study(storage: optuna.storages.BaseStorage, name: str,
         f'study {name!r} in {where} was created with {what} ('
         f'{_difference(saved, record)}); tune in another --workdir (or '
         '--study), or restore the sweep and config it was created with')
-  for params in sweep.enqueue:
-    study.enqueue_trial(params, skip_if_exists=True)
   seed = sweep.seed + 1000 * worker + len(study.get_trials(deepcopy=False))
   return optuna.load_study(study_name=name, storage=storage,
                            sampler=sampler(sweep, seed),

@@ -233,6 +233,8 @@ def check(sweep: Sweep, config: ml_collections.ConfigDict
     raise UserError(f'the sweep both searches and overrides {sorted(both)}')
   base = apply(config, sweep.overrides)
   config_lib.check(base)
+  # Every field first, so that a misspelt one is named as such.
+  apply(base, {name: _extremes(d)[0] for name, d in sweep.space.items()})
   for name, d in sweep.space.items():
     for value in _extremes(d):
       try:
