@@ -62,8 +62,9 @@ def train_and_evaluate(
   same workdir stops at once with a line naming this one.
 
   `on_evaluated(step, metrics)`, if given, gets the periodic evaluators'
-  metrics of each step that ran them, once that step's checkpoint is saved
-  (the tuner reports them to its pruner; what it raises stops the run).
+  metrics of each step that ran them, after that step's checkpoint save
+  has begun (the tuner reports them to its pruner; what it raises stops
+  the run, once the save is written).
   """
   prepare.check_workdir(workdir)
   held = (workdir_lib.lock(workdir) if jax.process_index() == 0 else

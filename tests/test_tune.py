@@ -233,8 +233,8 @@ def test_results_table_and_best_config(tmp_path, test_config):
                                        'batch_size': 16})
   assert got.to_dict() == want.to_dict()
   assert got.train.num_steps == test_config.train.num_steps
-  for name in ('optimization_history', 'parallel_coordinate',
-               'param_importances'):
+  for name in ('optimization_history', 'intermediate_values',
+               'parallel_coordinate', 'param_importances'):
     assert (tmp_path / 'plots' / f'{name}.png').read_bytes()[:4] == (
         b'\x89PNG')
     if chromium():  # The page draws its plot offline, beside plotly.min.js.
@@ -286,7 +286,8 @@ def test_a_three_trial_sweep_prunes_and_writes_its_results(
   exec((workdir / 'best_config.py').read_text(), spec)  # pylint: disable=exec-used
   want = sweep_lib.apply(test_config, best.params)
   assert spec['get_config']().to_dict() == want.to_dict()
-  for name in ('optimization_history', 'parallel_coordinate'):
+  for name in ('optimization_history', 'intermediate_values',
+               'parallel_coordinate'):
     assert (workdir / 'plots' / f'{name}.png').stat().st_size > 1000
     assert (workdir / 'plots' / f'{name}.html').stat().st_size > 1000
   # --mode=report needs the workdir only, and writes the same table.

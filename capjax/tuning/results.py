@@ -5,13 +5,15 @@
   WORKDIR/best_config.py  the config of the best complete trial, at full
                           length (without the sweep's overrides), ready for
                           `python -m capjax.main --config=...`
-  WORKDIR/plots/          optimisation history, parallel coordinates and
-                          parameter importances, as .png and .html
+  WORKDIR/plots/          optimisation history, intermediate values,
+                          parallel coordinates and parameter importances,
+                          as .png and .html
 """
 
 import json
 import math
 import os
+import textwrap
 import warnings
 
 from absl import logging
@@ -169,12 +171,15 @@ def write_best_config(study: optuna.Study, root: str) -> str | None:
   metric, direction = study.user_attrs['capjax']['objective']
   values = ', '.join(f'{k}={_number(v)}' for k, v in best.params.items())
   left = ', '.join(f'{k}={_number(v)}' for k, v in overrides.items())
-  doc = (f'The best trial of the tuning study in {root}: trial '
-         f'{best.number}, {metric} = {best.value:.4f} ({direction}).\n\n'
-         f'Tuned: {values}.\n' +
-         (f'The trials also set {left}, which this config leaves out: it '
-          'trains at full length.\n' if left else '') +
-         f'Trained in {best.user_attrs.get("workdir", "?")}.\n')
+  paragraphs = [
+      f'The best trial of the tuning study in {root}: trial {best.number}, '
+      f'{metric} = {best.value:.4f} ({direction}).',
+      f'Tuned: {values}.',
+      f'The trials also set {left}, which this config leaves out: it trains '
+      'at full length.' if left else '',
+      f'Trained in {best.user_attrs.get("workdir", "?")}.']
+  doc = '\n\n'.join(textwrap.fill(p, 76) for p in paragraphs if p) + '\n'
+
   path = os.path.join(root, BEST_CONFIG)
   _write(path, config_file(config, doc, set(best.params)))
   return path
@@ -193,8 +198,8 @@ def write_plots(study: optuna.Study, root: str) -> list[str]:
   folder = os.path.join(root, PLOTS)
   os.makedirs(folder, exist_ok=True)
   written = []
-  for name in ('optimization_history', 'parallel_coordinate',
-               'param_importances'):
+  for name in ('optimization_history', 'intermediate_values',
+               'parallel_coordinate', 'param_importances'):
     try:
       with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # "experimental" notices.

@@ -180,7 +180,8 @@ def work(study: optuna.Study, objective: trial_lib.Objective, total: int,
       study.optimize(objective, n_trials=1, gc_after_trial=True,
                      catch=(trial_lib.Failed, trial_lib.Interrupted))
     except KeyboardInterrupt:
-      _retry(study, objective.number)
+      if objective.number is not None:
+        _retry(study, objective.number)
       raise
     if objective.interrupted:
       _retry(study, objective.number)
