@@ -184,14 +184,25 @@ def tune(config, workdir: str) -> None:
     from capjax.tuning import trial as trial_lib
     # pylint: enable=g-import-not-at-top
     logging.info('Worker %d; devices: %s', WORKER.value, jax.local_devices())
-    trial_lib.prepare_data(base, workdir)
     objective = trial_lib.Objective(study, sweep, base, workdir,
                                     train.train_and_evaluate)
-    done = study_lib.work(study, objective, total,
-                          poll_seconds=sweep.heartbeat_seconds)
+    # SIGTERM outside a training run (which saves and stops at its own)
+    # ends the worker before its next trial.
+    terms = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: terms.append(1))
+    try:
+      trial_lib.prepare_data(base, workdir)
+      done = study_lib.work(study, objective, total,
+                            poll_seconds=sweep.heartbeat_seconds,
+                            stopping=lambda: bool(terms))
+    except KeyboardInterrupt:  # Ctrl-C; its trial was queued again.
+      done = False
+    finally:
+      signal.signal(signal.SIGTERM, previous)
   if not done:
-    print('Stopped by a signal, the running trial\'s checkpoint saved; run '
-          'the same command again to continue the study.', flush=True)
+    if REPORT.value:  # Not a --workers child: the tuner says it once.
+      print('Stopped by a signal, the running trial\'s checkpoint saved; '
+            'run the same command again to continue the study.', flush=True)
     return
   if REPORT.value:
     print(results.report(study, workdir), flush=True)

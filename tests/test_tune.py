@@ -159,6 +159,7 @@ def test_a_study_refuses_another_space_objective_or_config(tmp_path,
   study_lib.open_study(storage, 'capjax', sweep, test_config, url)
 
 
+@pytest.mark.filterwarnings('ignore:Heartbeat of storage is supposed')
 @pytest.mark.parametrize('kind', ['sqlite', 'journal'])
 def test_a_trial_whose_heartbeat_stops_is_queued_again(tmp_path, kind):
   url = (storage_lib.default_url(str(tmp_path)) if kind == 'sqlite' else

@@ -10,6 +10,7 @@ for the running ones. Optuna hands each trial to one worker only.
 
 import json
 import time
+from typing import Callable
 import warnings
 
 from absl import logging
@@ -163,10 +164,12 @@ def _retry(study: optuna.Study, number: int) -> None:
 
 
 def work(study: optuna.Study, objective: trial_lib.Objective, total: int,
-         poll_seconds: float) -> bool:
+         poll_seconds: float, stopping: Callable[[], bool] = lambda: False
+         ) -> bool:
   """Runs trials until the study has `total` finished; returns False if a
-  signal stopped it first (the trial it ran is queued again)."""
-  while True:
+  signal stopped it first (a trial it stopped is queued again).
+  `stopping()` says a stop was asked for between trials."""
+  while not stopping():
     _fail_stale(study)
     n = counts(study)
     if not n['waiting'] and n['finished'] + n['running'] >= total:
@@ -174,7 +177,9 @@ def work(study: optuna.Study, objective: trial_lib.Objective, total: int,
         return True
       # Running elsewhere, or left by a killed worker: wait until they end
       # or go stale, so that a retry is not left behind.
-      time.sleep(poll_seconds)
+      deadline = time.monotonic() + poll_seconds
+      while time.monotonic() < deadline and not stopping():
+        time.sleep(0.5)
       continue
     try:
       study.optimize(objective, n_trials=1, gc_after_trial=True,
@@ -186,3 +191,4 @@ def work(study: optuna.Study, objective: trial_lib.Objective, total: int,
     if objective.interrupted:
       _retry(study, objective.number)
       return False
+  return False
