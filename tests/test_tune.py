@@ -306,40 +306,38 @@ def test_a_killed_tuner_resumes_its_trial_from_the_checkpoint(
   sweep = _sweep_file(tmp_path, (
       "Sweep(space={'train.learning_rate': log_uniform(1e-3, 1e-2)}, "
       "overrides={'train.num_steps': 24, 'train.checkpoint_every_steps': 4, "
-      "'evals.val.every_steps': 4}, trials=2, pruner='none', "
+      "'evals.val.every_steps': 4}, trials=1, pruner='none', "
       'heartbeat_seconds=1, grace_seconds=4)'))
   workdir = tmp_path / 'tune'
   args = (f'--sweep={sweep}', f'--workdir={workdir}')
   proc = _tune(*args, data_dir=shapes_data_dir, wait=False)
-  second = workdir / 'trials' / '0001' / 'checkpoints'
+  saved = workdir / 'trials' / '0000' / 'checkpoints'
   deadline = time.monotonic() + 400
-  while not (second.is_dir() and '8' in os.listdir(second)):
+  while not (saved.is_dir() and '8' in os.listdir(saved)):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.monotonic() < deadline
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
-  saved = max(int(s) for s in os.listdir(second) if s.isdigit())
-  assert 8 <= saved < 24
-  study = _study(workdir)
-  assert [t.state for t in study.trials] == [State.COMPLETE, State.RUNNING]
+  last = max(int(s) for s in os.listdir(saved) if s.isdigit())
+  assert 8 <= last < 24
+  assert [t.state for t in _study(workdir).trials] == [State.RUNNING]
 
   code, out, err = _tune(*args, data_dir=shapes_data_dir)
   assert code == 0, err[-3000:]
   trials = _study(workdir).trials
-  # Trial 1 went stale, was failed, and its retry (trial 2) trained on in
+  # Trial 0 went stale, was failed, and its retry (trial 1) trained on in
   # its workdir from its last checkpoint to the end.
-  assert [t.state for t in trials] == [State.COMPLETE, State.FAIL,
-                                       State.COMPLETE]
-  assert trials[2].system_attrs['failed_trial'] == 1
-  assert trials[2].params == trials[1].params
-  assert trials[2].user_attrs['workdir'] == str(workdir / 'trials' / '0001')
-  assert f'Restored step {saved} from {second}' in err
-  assert set(trials[1].intermediate_values) <= set(
-      trials[2].intermediate_values)
-  assert max(trials[2].intermediate_values) == 24
-  assert sorted(os.listdir(workdir / 'trials')) == ['0000', '0001']
-  assert 'interrupted; retried as 2' in out
+  assert [t.state for t in trials] == [State.FAIL, State.COMPLETE]
+  assert trials[1].system_attrs['failed_trial'] == 0
+  assert trials[1].params == trials[0].params
+  assert trials[1].user_attrs['workdir'] == str(workdir / 'trials' / '0000')
+  assert f'Restored step {last} from {saved}' in err
+  assert set(trials[0].intermediate_values) <= set(
+      trials[1].intermediate_values)
+  assert max(trials[1].intermediate_values) == 24
+  assert os.listdir(workdir / 'trials') == ['0000']
+  assert 'interrupted; retried as 1' in out
 
 
 def _trained_once(workdir) -> bool:

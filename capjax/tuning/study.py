@@ -59,9 +59,9 @@ def open_study(storage: optuna.storages.BaseStorage, name: str,
                sweep: sweep_lib.Sweep, config: ml_collections.ConfigDict,
                where: str, worker: int = 0) -> optuna.Study:
   """The study `name`, created with this sweep and `config` (before the
-  sweep's overrides) if new; an
-  existing one must have been created with the same search space,
-  objective and config, or it is a UserError (and nothing is changed).
+  sweep's overrides) if new. An existing one must have been created with
+  the same search space, objective, overrides and config, or it is a
+  UserError (and nothing is changed).
 
   Its sampler's seed is the sweep's plus `worker` and the trials so far:
   two workers, or a rerun, never draw the same random trials.
