@@ -1,4 +1,4 @@
-"""Hyperparameter tuning: an Optuna study whose trials are training runs.
+r"""Hyperparameter tuning: an Optuna study whose trials are training runs.
 
     python -m capjax.tune --config=configs/shapes.py \
         --sweep=configs/sweeps/shapes.py --workdir=runs/tune-shapes \

@@ -1,4 +1,4 @@
-"""Tuning configs/coco.py's decoder on its frozen-encoder phase.
+r"""Tuning configs/coco.py's decoder on its frozen-encoder phase.
 
   python -m capjax.tune --config=configs/coco.py --sweep=configs/sweeps/coco.py \
       --workdir=/shared/tune/coco --config.data.data_dir=/data/tensorflow_datasets

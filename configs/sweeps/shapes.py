@@ -1,4 +1,4 @@
-"""Tuning the embedded default, configs/shapes.py, in about 20 minutes on
+r"""Tuning the embedded default, configs/shapes.py, in about 20 minutes on
 2 CPU cores:
 
   python -m capjax.tune --config=configs/shapes.py \
