@@ -208,16 +208,20 @@ def write_plots(study: optuna.Study, root: str) -> list[str]:
     except (ValueError, RuntimeError, ZeroDivisionError) as e:
       logging.info('Plot %s skipped: %s', name, e)
       continue
+    # Written whole, then renamed: the workers of a SLURM array may all
+    # write the results at once.
+    tmp = f'.tmp-{os.getpid()}'
     html = os.path.join(folder, f'{name}.html')
     # plotly.min.js once beside the pages: they open offline.
-    figure.write_html(html, include_plotlyjs='directory')
+    figure.write_html(html + tmp, include_plotlyjs='directory')
+    os.replace(html + tmp, html)
     png = os.path.join(folder, f'{name}.png')
     fig = getattr(axes, 'figure', None) or axes.flat[0].figure
     fig.set_size_inches(9, 5.5)
     fig.tight_layout()
-    fig.savefig(f'{png}.tmp', format='png', dpi=110)
+    fig.savefig(png + tmp, format='png', dpi=110)
     plt.close(fig)
-    os.replace(f'{png}.tmp', png)
+    os.replace(png + tmp, png)
     written += [png, html]
   return written
 
