@@ -122,9 +122,12 @@ def _spawn_workers(k: int) -> int:
   procs = []
   for i in range(k):
     env = dict(os.environ)
+    # Contiguous blocks: neighbouring GPUs share links, cores caches.
     if gpus:
-      env['CUDA_VISIBLE_DEVICES'] = ','.join(gpus[i::k])
-    mine = set(cores[i::k])
+      n = len(gpus) // k
+      env['CUDA_VISIBLE_DEVICES'] = ','.join(gpus[i * n:(i + 1) * n])
+    n = len(cores) // k
+    mine = set(cores[i * n:(i + 1) * n])
 
     def setup(mine=mine):
       os.sched_setaffinity(0, mine)  # XLA sizes its thread pools by it.

@@ -105,16 +105,6 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
   return study.best_trial
 
 
-def _flat(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out |= _flat(v, f'{prefix}{k}.')
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def _subtree(tree: dict, path: str) -> dict:
   for part in path.split('.'):
     tree = tree[part]
@@ -127,11 +117,12 @@ def config_file(config: ml_collections.ConfigDict, docstring: str,
   `capjax.config.defaults()`, each set in `get_config()`."""
   # Both through JSON, as the study stores configs.
   ours = json.loads(config.to_json_best_effort())
-  defaults = _flat(json.loads(config_lib.defaults().to_json_best_effort()))
+  defaults = sweep_lib.flatten(
+      json.loads(config_lib.defaults().to_json_best_effort()))
   known = {'.'.join(k.split('.')[:i]) for k in defaults
            for i in range(1, k.count('.') + 2)}
   lines, added = [], set()
-  for key, value in _flat(ours).items():
+  for key, value in sweep_lib.flatten(ours).items():
     if key in defaults:
       if value != defaults[key] or key in tuned:
         note = '  # Tuned.' if key in tuned else ''

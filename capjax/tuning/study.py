@@ -36,18 +36,9 @@ def _record(sweep: sweep_lib.Sweep, config: ml_collections.ConfigDict
   }
 
 
-def _flat(tree, prefix=''):
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  out = {}
-  for k, v in tree.items():
-    out |= _flat(v, f'{prefix}{k}.')
-  return out
-
-
 def _difference(old: dict, new: dict) -> str:
   """The first few differing fields of two records, as `field: old -> new`."""
-  a, b = _flat(old), _flat(new)
+  a, b = sweep_lib.flatten(old), sweep_lib.flatten(new)
   keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
   shown = [f'{k}: {a.get(k, "(none)")} -> {b.get(k, "(none)")}'
            for k in keys[:3]]

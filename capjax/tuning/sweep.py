@@ -183,11 +183,14 @@ def _set(config: ml_collections.ConfigDict, name: str, value) -> None:
   node[last] = value
 
 
-def _fields(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
-  out = []
-  for k, v in config.items():
-    out += (_fields(v, f'{prefix}{k}.') if isinstance(
-        v, ml_collections.ConfigDict) else [f'{prefix}{k}'])
+def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  """A nested dict as {'a.b.c': leaf}: config fields by their dotted name."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out |= flatten(v, f'{prefix}{k}.')
+    else:
+      out[f'{prefix}{k}'] = v
   return out
 
 
@@ -203,7 +206,8 @@ def apply(config: ml_collections.ConfigDict,
     try:
       _set(config, name, value)
     except (KeyError, AttributeError):
-      near = difflib.get_close_matches(name, _fields(config), n=3)
+      near = difflib.get_close_matches(name, list(flatten(config.to_dict())),
+                                     n=3)
       raise UserError(
           f'the sweep sets --config.{name}, which the config does not have'
           + (f'; did you mean {", ".join(near)}?' if near else '')) from None
