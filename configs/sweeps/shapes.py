@@ -4,8 +4,8 @@ r"""Tuning the embedded default, configs/shapes.py, in about 20 minutes on
   python -m capjax.tune --config=configs/shapes.py \
       --sweep=configs/sweeps/shapes.py --workdir=runs/tune-shapes --workers=2
 
-Each trial is a shortened run (600 steps, a quarter of the 2,200, with the
-schedule compressed to fit), validated every 150 steps on all 1,000
+Each trial is a shortened run (600 steps, a quarter of the 2,200; the
+cosine decay ends at step 600), validated every 150 steps on all 1,000
 validation images; the median pruner stops a trial whose greedy CIDEr-D
 is below the median of the earlier trials' at the same step, from step 300
 on. The first trial is the shipped config's values, measured on the same
