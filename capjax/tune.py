@@ -61,11 +61,8 @@ REPORT = flags.DEFINE_bool('report', True, 'Write the results when the study '
 flags.mark_flags_as_required(['workdir'])
 
 
-def _storage(workdir: str, sweep: sweep_lib.Sweep):
-  url = STORAGE.value or storage_lib.default_url(workdir)
-  return url, storage_lib.open_storage(
-      url, interval=sweep.heartbeat_seconds, grace=sweep.grace_seconds,
-      max_retries=sweep.max_retries)
+def _url(workdir: str) -> str:
+  return STORAGE.value or storage_lib.default_url(workdir)
 
 
 def report(workdir: str) -> None:
@@ -75,7 +72,8 @@ def report(workdir: str) -> None:
       os.path.join(workdir, 'study.db')):
     raise UserError(f'no study in --workdir={workdir} (no study.db); give '
                     '--storage if it lives elsewhere')
-  url, storage = _storage(workdir, sweep_lib.Sweep(space={}))
+  url = _url(workdir)
+  storage = storage_lib.open_storage(url)
   try:
     study = optuna.load_study(study_name=STUDY.value, storage=storage)
   except KeyError:
@@ -168,7 +166,10 @@ def tune(config, workdir: str) -> None:
   base = sweep_lib.check(sweep, config)
   trials = sweep.trials if TRIALS.value is None else TRIALS.value
   os.makedirs(workdir, exist_ok=True)
-  url, storage = _storage(workdir, sweep)
+  url = _url(workdir)
+  storage = storage_lib.open_storage(
+      url, interval=sweep.heartbeat_seconds, grace=sweep.grace_seconds,
+      max_retries=sweep.max_retries)
   study = study_lib.open_study(storage, STUDY.value, sweep, config, url,
                                worker=WORKER.value)
   total = study_lib.size(sweep, trials)
@@ -194,7 +195,6 @@ def tune(config, workdir: str) -> None:
     terms = []
     previous = signal.signal(signal.SIGTERM, lambda *_: terms.append(1))
     try:
-      trial_lib.prepare_data(base, workdir)
       done = study_lib.work(study, objective, total,
                             poll_seconds=sweep.heartbeat_seconds,
                             stopping=lambda: bool(terms))

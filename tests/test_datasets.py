@@ -1,12 +1,17 @@
 """Dataset registry and preparation; COCO through `tfds.testing.mock_data`."""
 
 import os
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import tensorflow_datasets as tfds
 
 from capjax import config as config_lib
 from capjax.data import datasets
+from capjax.data import locks
 from capjax.data import pipeline
 from capjax.data import prepare
 from capjax.data import shapes
@@ -16,6 +21,7 @@ from conftest import coco_config
 from conftest import COCO_WORDS
 from conftest import KARPATHY_SIZES
 from conftest import coco_data_source
+from conftest import REPO
 
 
 def test_coco_config_through_mock_data(tmp_path):
@@ -114,3 +120,47 @@ def test_default_data_dir_is_tfds_own():
   builder = datasets.get_builder(config_lib.defaults().data)
   assert builder.data_dir.startswith(
       os.path.expanduser(tfds.core.constants.DATA_DIR))
+
+
+_PREPARE = """
+import sys
+from absl import logging
+from capjax.data import datasets
+from configs import test
+config = test.get_config()
+config.data.data_dir = sys.argv[1]
+logging.set_verbosity(logging.INFO)
+datasets.prepare(config.data)
+print('prepared')
+"""
+
+
+def test_a_second_job_waits_for_the_dataset_build(tmp_path):
+  from configs import test  # pylint: disable=g-import-not-at-top
+  config = test.get_config()
+  config.data.data_dir = str(tmp_path)
+  builder = datasets.get_builder(config.data)
+  lines = []
+  with locks.waiting(f'{builder.data_dir}.prepare.lock', 'test'):
+    proc = subprocess.Popen(
+        [sys.executable, '-c', _PREPARE, str(tmp_path)], cwd=REPO,
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr))
+    reader.start()
+    try:
+      deadline = time.monotonic() + 120
+      while not any('Waiting for another job preparing shapes' in l
+                    for l in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, lines
+        time.sleep(0.2)
+      # The first job builds meanwhile; the second must not build too.
+      shapes.Shapes(config='tiny', data_dir=str(tmp_path),
+                    file_format='array_record').download_and_prepare()
+    except BaseException:
+      proc.kill()
+      raise
+  out = proc.stdout.read()
+  assert proc.wait(timeout=120) == 0, ''.join(lines)[-3000:]
+  reader.join()
+  assert out.strip() == 'prepared'  # TFDS prints its build here: none.
+  assert datasets.get_builder(config.data).is_prepared()

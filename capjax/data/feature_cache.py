@@ -16,16 +16,13 @@ one record per image, msgpack {'features': bytes of [h, w, C] in the
 stored dtype, 'id', 'captions'}.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 from typing import Any
 
-from absl import logging
 import jax
 import ml_dtypes
 import msgpack
@@ -33,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from capjax.data import datasets
+from capjax.data import locks
 from capjax.data import records
 
 FORMAT = 'capjax-features-1'  # Changes whenever the records change.
@@ -90,21 +88,10 @@ class Cache:
     self.folder = (f'{os.fspath(builder.data_dir)}-features-'
                    f'{self.fingerprint[:16]}')
 
-  @contextlib.contextmanager
-  def lock(self) -> Iterator[None]:
+  def lock(self):
     """Held while building: a second job building the same cache waits,
     then finds the splits done, instead of writing over them."""
-    os.makedirs(os.path.dirname(self.folder), exist_ok=True)
-    with open(f'{self.folder}.lock', 'a') as f:
-      try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except OSError:
-        logging.info('Waiting for another job building %s.', self.folder)
-        fcntl.flock(f, fcntl.LOCK_EX)
-      try:
-        yield
-      finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
+    return locks.waiting(f'{self.folder}.lock', f'building {self.folder}')
 
   def others(self) -> list[str]:
     """The folders of this dataset's caches for other encoders."""

@@ -61,18 +61,24 @@ class _JournalWithHeartbeat(journal.JournalStorage, BaseHeartbeat):
     return self._callback
 
 
-def open_storage(url: str, *, interval: int, grace: int, max_retries: int
+def open_storage(url: str, *, interval: int | None = None,
+                 grace: int | None = None, max_retries: int | None = None
                  ) -> optuna.storages.BaseStorage:
-  """The storage at `url`, or a UserError saying why it cannot be opened."""
+  """The storage at `url`, or a UserError saying why it cannot be opened.
+
+  With `interval`, running trials beat every `interval` seconds and are
+  retried up to `max_retries` times once silent for `grace`; without, the
+  storage is for reading (--mode=report).
+  """
   with warnings.catch_warnings():
     # Heartbeats and their retry callback are "experimental" since 2.8.
     warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
+    retry = interval and optuna.storages.RetryHeartbeatStaleTrialCallback(
         max_retry=max_retries, inherit_intermediate_values=True)
-    return _open(url, interval, grace, retry)
+    return _open(url, interval, grace, retry or None)
 
 
-def _open(url: str, interval: int, grace: int, retry
+def _open(url: str, interval: int | None, grace: int | None, retry
           ) -> optuna.storages.BaseStorage:
   if url.startswith(JOURNAL):
     path = os.path.abspath(url[len(JOURNAL):])
@@ -80,6 +86,8 @@ def _open(url: str, interval: int, grace: int, retry
     if not os.path.isdir(folder):
       raise UserError(f'--storage={url}: no folder {folder}')
     try:
+      if interval is None:
+        return journal.JournalStorage(journal.JournalFileBackend(path))
       return _JournalWithHeartbeat(path, interval, grace, retry)
     except OSError as e:
       raise UserError(f'--storage={url}: cannot open {path}: {e.strerror}'

@@ -8,8 +8,6 @@ trains in the workdir of the trial it retries, so it resumes from that
 trial's last checkpoint.
 """
 
-import contextlib
-import fcntl
 import os
 import socket
 from typing import Callable
@@ -18,7 +16,6 @@ from absl import logging
 import ml_collections
 import optuna
 
-from capjax.data import prepare
 from capjax.errors import UserError
 from capjax.tuning import sweep as sweep_lib
 
@@ -57,24 +54,6 @@ def suggest(trial: optuna.trial.Trial, sweep: sweep_lib.Sweep) -> dict:
     else:
       out[name] = trial.suggest_categorical(name, d.choices)
   return out
-
-
-@contextlib.contextmanager
-def _locked(path: str):
-  with open(path, 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)  # Waits for the holder.
-    yield
-
-
-def prepare_data(config: ml_collections.ConfigDict, root: str) -> None:
-  """Builds the dataset and its copies once, before any trial, when the
-  config may build them: two trials (or workers) building at once would
-  clash in the data dir. The others wait meanwhile."""
-  if not config.data.prepare:
-    return
-  os.makedirs(root, exist_ok=True)
-  with _locked(os.path.join(root, '.prepare.lock')):
-    prepare.prepare(config, os.path.join(root, 'data'), force=True)
 
 
 class Objective:
