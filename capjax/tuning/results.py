@@ -11,7 +11,6 @@
 """
 
 import json
-import math
 import os
 import textwrap
 import warnings
@@ -152,9 +151,11 @@ def saved_config(study: optuna.Study) -> tuple[ml_collections.ConfigDict,
   return config, record['overrides']
 
 
-def write_best_config(study: optuna.Study, root: str) -> str | None:
-  """Writes the best complete trial's config; its path, or None."""
-  best = best_trial(study)
+def write_best_config(study: optuna.Study,
+                      best: optuna.trial.FrozenTrial | None,
+                      root: str) -> str | None:
+  """Writes the config of `best`, the best complete trial; its path, or
+  None when no trial has completed."""
   if best is None:
     return None
   config, overrides = saved_config(study)
@@ -222,12 +223,13 @@ def report(study: optuna.Study, root: str) -> str:
   print."""
   text = table(study, root)
   _write(os.path.join(root, TABLE), text)
-  best = write_best_config(study, root)
+  best = best_trial(study)
+  path = write_best_config(study, best, root)
   plots = write_plots(study, root)
   lines = [text]
-  b = best_trial(study)
-  if b is not None and not math.isnan(b.value):
-    lines.append(f'Best: trial {b.number}, {b.value:.4f}; its config: {best}')
+  if best is not None:
+    lines.append(f'Best: trial {best.number}, {best.value:.4f}; its config: '
+                 f'{path}')
   else:
     lines.append('No trial has completed yet: no best config.')
   if plots:
