@@ -18,7 +18,6 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
-import simplejpeg
 
 # Where a transparent pixel ends up. White rather than black, because
 # transparent regions of logos and cut-outs are meant to show the page.
@@ -263,6 +262,10 @@ def decode_resized(data: bytes, size: int, name: str = '<bytes>'
   Anything simplejpeg cannot decode (other formats, CMYK, EXIF-rotated
   photos) goes through `load_rgb_bytes`, with Pillow's own reduced decode.
   """
+  # Here, not at the top: inference and the benchmark import this module,
+  # and a bare GPU machine (launch/gpu_benchmark.sh) has Pillow but not
+  # simplejpeg. Only building and reading copies decode through it.
+  import simplejpeg  # pylint: disable=g-import-not-at-top
   try:
     header = simplejpeg.decode_jpeg_header(data)
   except ValueError:
@@ -293,6 +296,8 @@ def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
   colour at the edges with 4:2:0. At 224 px 4:2:0 would decode 34% faster
   and be 36% smaller; 4:4:4 still meets the input path's target.
   """
+  # Imported here for the reason given in decode_resized.
+  import simplejpeg  # pylint: disable=g-import-not-at-top
   return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality,
                                 colorspace='RGB', colorsubsampling='444')
 
