@@ -2,8 +2,9 @@
 # BENCHMARKS.md's GPU table, on a bare GPU machine: one that has jax (with
 # CUDA), flax, optax, orbax-checkpoint, absl-py, numpy and Pillow, as GPU
 # images ship them, and none of capjax's data and metric libraries
-# (TensorFlow, TFDS, grain, clu, nltk, rouge-score), which the train, decode
-# and SCST benchmarks do not import.
+# (TensorFlow, TFDS, grain, clu, nltk, rouge-score, simplejpeg, ...), which
+# the train, decode and SCST benchmarks do not import (tests/test_imports.py
+# blocks all of pyproject.toml's dependencies that such a machine lacks).
 #
 # capjax is installed without its dependencies, from this checkout; of those,
 # the benchmarks need one more, ml-collections (pure Python; its own
