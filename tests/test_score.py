@@ -1,8 +1,9 @@
-"""`python -m capjax.score` and the checks of capjax.metrics.coco.
+"""`python -m capjax.score` and the matching of capjax.metrics.coco.
 
 Two runs go through a real subprocess (a good pair of files, a bad one) to
 check the exit codes and that errors are one line without a traceback; the
-file checks are called directly, one case each.
+matching is called directly, one case each. The checks of each file are
+tests/test_coco_json.py's.
 """
 
 import json
@@ -124,103 +125,6 @@ def test_annotations_without_images_are_accepted(tmp_path):
   results = _write(tmp_path / 'res.json', _results())
   references, candidates = coco.load(annotations, results)
   assert references == REFERENCES and candidates == CANDIDATES
-
-
-def test_string_image_ids_are_accepted():
-  references = coco.parse_annotations(
-      {'annotations': [{'image_id': 'a.jpg', 'caption': 'a cat'}]}, 'x')
-  assert references == {'a.jpg': ['a cat']}
-
-
-# ---------------------------------------------------------------------------
-# Bad files: each is a UserError that names the problem.
-
-
-def test_missing_file(tmp_path):
-  with pytest.raises(UserError, match='results file .*nope.json not found'):
-    coco.load_json(str(tmp_path / 'nope.json'), 'results')
-  with pytest.raises(UserError, match='is a directory'):
-    coco.load_json(str(tmp_path), 'results')
-
-
-@pytest.mark.parametrize('bom', [b'', b'\xef\xbb\xbf'])
-def test_file_that_is_not_utf8(tmp_path, bom):
-  path = tmp_path / 'res.json'
-  data = bom + b'[{"image_id": 1, "caption": "caf\xe9"}]'  # Latin-1
-  path.write_bytes(data)
-  offset = data.index(0xe9)
-  with pytest.raises(UserError, match=r'not UTF-8 text \(bad byte 0xe9 at '
-                     rf'byte offset {offset}\)'):
-    coco.load_json(str(path), 'results')
-
-
-def test_utf8_byte_order_mark_is_fine(tmp_path):
-  path = tmp_path / 'res.json'
-  path.write_bytes(b'\xef\xbb\xbf[{"image_id": 1, "caption": "caf\xc3\xa9"}]')
-  assert coco.load_json(str(path), 'results') == [
-      {'image_id': 1, 'caption': 'café'}]
-
-
-def test_file_that_is_not_json(tmp_path):
-  path = tmp_path / 'res.json'
-  path.write_text('[\n  {"image_id": 1, "caption": "a"}\n  {"image_id": 2}\n]')
-  with pytest.raises(UserError, match="not valid JSON: Expecting ',' "
-                     'delimiter at line 3 column 3'):
-    coco.load_json(str(path), 'results')
-  path.write_text('  \n')
-  with pytest.raises(UserError, match='is empty'):
-    coco.load_json(str(path), 'results')
-
-
-@pytest.mark.parametrize('data, message', [
-    ({'a': 1}, 'must be a JSON list'),
-    (_annotations(), 'looks like an annotations file'),
-    ([], 'empty list'),
-    (['a man'], 'entry 0 must be an object'),
-    ([{'caption': 'a man'}], 'entry 0 has no "image_id"'),
-    ([{'image_id': 1.5, 'caption': 'a'}], '"image_id" must be an integer or '
-     'a string, got 1.5'),
-    ([{'image_id': True, 'caption': 'a'}], 'got true'),
-    ([{'image_id': 1}], r'entry 0 \(image 1\) has no "caption"'),
-    ([{'image_id': 1, 'caption': 3}], r'entry 0 \(image 1\): "caption" must '
-     'be a string, got 3'),
-    ([{'image_id': 1, 'caption': None}], 'must be a string, got null'),
-    ([{'image_id': 1, 'caption': 'a'}, {'image_id': 2, 'caption': ' \n'}],
-     r'entry 1 \(image 2\): the caption is empty'),
-    ([{'image_id': 1, 'caption': 'a'}, {'image_id': 2, 'caption': 'b'},
-      {'image_id': 1, 'caption': 'c'}],
-     r'image 1 has more than one result \(entries 0 and 2\)'),
-])
-def test_bad_results(data, message):
-  with pytest.raises(UserError, match=message):
-    coco.parse_results(data, 'res.json')
-
-
-@pytest.mark.parametrize('data, message', [
-    ([{'image_id': 1, 'caption': 'a'}], 'looks like a results file'),
-    ({'images': []}, 'must be a COCO captions JSON object'),
-    ({'annotations': {}}, '"annotations" must be a list'),
-    ({'annotations': [], 'images': {}}, '"images" must be a list'),
-    ({'annotations': []}, 'has no captions'),
-    ({'annotations': [{'caption': 'a'}]}, r'annotations\[0\] has no '
-     '"image_id"'),
-    ({'annotations': [{'image_id': 4, 'caption': ''}]},
-     r'annotations\[0\] \(image 4\): the caption is empty'),
-    ({'annotations': [{'image_id': 4, 'caption': ['a']}]},
-     'must be a string'),
-    ({'annotations': [], 'images': [{'file_name': 'x.jpg'}]},
-     r'images\[0\] has no "id"'),
-    ({'annotations': [], 'images': [{'id': 1}, {'id': 1}]},
-     'image id 1 is listed twice'),
-    ({'annotations': [{'image_id': 2, 'caption': 'a'}],
-      'images': [{'id': 1}]},
-     'a caption of image 2, which "images" does not list'),
-    (_annotations({1: ['a'], 2: [], 3: []}),
-     r'2 of 3 images have no captions \(2, 3\)'),
-])
-def test_bad_annotations(data, message):
-  with pytest.raises(UserError, match=message):
-    coco.parse_annotations(data, 'ann.json')
 
 
 def test_results_for_unknown_images_are_named_and_counted():

@@ -87,6 +87,36 @@ def test_the_package_has_no_import_cycle():
   assert cycle is None, ' -> '.join(cycle)
 
 
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+  """`graph` with each subpackage (capjax.data, capjax.metrics, ...) made
+  one node; modules at the top (capjax.train) stay nodes of their own."""
+  def node(module):
+    return '.'.join(module.split('.')[:2])
+  packages = {}
+  for module, targets in graph.items():
+    packages.setdefault(node(module), set()).update(
+        node(t) for t in targets if node(t) != node(module))
+  return packages
+
+
+def test_package_graph_finds_an_upward_import():
+  # capjax.data.a importing capjax.metrics.b, which imports capjax.data.c,
+  # is no cycle of modules but one of packages: one of them is above the
+  # other, and the lower one reaches up.
+  graph = {'capjax.data.a': {'capjax.metrics.b'},
+           'capjax.metrics.b': {'capjax.data.c'}, 'capjax.data.c': set()}
+  assert find_cycle(graph) is None
+  assert find_cycle(package_graph(graph)) == [
+      'capjax.data', 'capjax.metrics', 'capjax.data']
+
+
+def test_packages_import_one_way():
+  """No two subpackages import each other, even through different modules:
+  the layers of the package, not only its modules, form no cycle."""
+  cycle = find_cycle(package_graph(import_graph()))
+  assert cycle is None, ' -> '.join(cycle)
+
+
 def test_layers_import_downwards():
   """main -> train -> objectives, evaluators -> state, losses, decode, data:
   nothing below imports anything above it."""

@@ -36,9 +36,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from capjax.data import coco_json
 from capjax.data import features
 from capjax.data import images
-from capjax.metrics import coco
 from capjax.errors import UserError
 
 NAME = 'caption_files'
@@ -148,7 +148,7 @@ def load_json(path: str) -> Any:
         f'{NAME}: annotations {path} is a directory; point {_ANNOTATIONS_FLAG} '
         'at the JSON file inside it')
   # The rest (encoding, emptiness, syntax) as for any COCO-format file.
-  return coco.load_json(path, f'{NAME}: annotations')
+  return coco_json.load_json(path, f'{NAME}: annotations')
 
 
 def detect_format(data: Any, source: str) -> str:
