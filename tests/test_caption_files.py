@@ -214,6 +214,50 @@ def test_image_without_captions_is_skipped(tmp_path, manual_dir):
       'train': [(str(manual_dir / 'images' / 'b.png'), 'no captions')]}
 
 
+def test_empty_captions_are_dropped_and_counted(tmp_path, manual_dir,
+                                                caplog):
+  entries = [(i, name) for i, name, _ in _GOOD[:6]]
+  data = _coco(entries)
+  # Image 11 loses both captions, image 12 one: three dropped in all.
+  by_id = {(a['image_id'], a['id'] % 100): a for a in data['annotations']}
+  by_id[11, 0]['caption'] = ''
+  by_id[11, 1]['caption'] = ' \t'
+  by_id[12, 1]['caption'] = '\n'
+  _write_json(manual_dir / 'c.json', data)
+  with caplog.at_level(logging.INFO):
+    builder = _prepare(tmp_path, manual_dir, 'empty', 'c.json')
+
+  assert builder.written == {'train': 5}
+  assert builder.skipped == {
+      'train': [(str(manual_dir / 'images' / 'a.jpg'), 'no captions')]}
+  assert ('caption_files/train: wrote 5 images, skipped 1 (1 without '
+          'captions); 3 empty captions dropped') in caplog.text
+  examples = _read(tfds.data_source('caption_files/empty', split='train',
+                                    data_dir=str(tmp_path / 'data')))
+  assert sorted(examples) == [12, 13, 14, 15, 16]
+  # What is left of image 12: its one real caption, under its own id.
+  captions = examples[12]['captions']
+  assert [t.decode() for t in captions['text']] == ['caption 0 of image 12']
+  assert [int(i) for i in captions['id']] == [1200]
+  for image_id in (13, 14, 15, 16):
+    assert len(examples[image_id]['captions']['text']) == 2
+
+
+def test_empty_karpathy_sentences_are_dropped(tmp_path):
+  path = tmp_path / 'k.json'
+  _write_json(path, {'images': [
+      {'filename': 'x.jpg', 'split': 'train', 'imgid': 0,
+       'sentences': [{'raw': ' ', 'sentid': 1}, {'raw': 'a dog', 'sentid': 2},
+                     {'tokens': [], 'sentid': 3}]},
+      {'filename': 'y.jpg', 'split': 'train', 'imgid': 1,
+       'sentences': [{'raw': ''}]},
+  ]})
+  assert caption_files.read_annotations(str(path)) == [
+      caption_files.Record('train', 0, 'x.jpg', ('a dog',), (2,), 2),
+      caption_files.Record('train', 1, 'y.jpg', (), (), 1),
+  ]
+
+
 # Bad input: each raises a one-line UserError naming the problem.
 
 

@@ -13,7 +13,10 @@ split files (`dataset_coco.json`, `dataset_flickr8k.json`, ...).
 
 Bad input (a missing manual dir, a broken JSON file) raises `UserError`
 before any image is read. A bad image does not stop the build: it is skipped,
-logged by path, and counted in `CaptionFiles.skipped`.
+logged by path, and counted in `CaptionFiles.skipped`. An empty caption (or
+one of whitespace only) is dropped and counted in the split's summary: kept,
+it would train the model to stop at once and score every caption against an
+empty reference.
 
 Usage:
 
@@ -87,6 +90,7 @@ class Record(NamedTuple):
   path: str  # Relative to the images folder, with '/' separators.
   captions: tuple[str, ...]
   caption_ids: tuple[int, ...]
+  empty_captions: int = 0  # Left out of `captions`: empty or whitespace.
 
 
 # ----------------------------------------------------------------------------
@@ -204,9 +208,11 @@ def parse_coco(data: dict[str, Any], split: str, source: str) -> list[Record]:
   """Records of a COCO captions JSON, all in `split`, in `images` order.
 
   Images without any caption are kept (with no captions): the builder skips
-  and reports them, which the user should hear about.
+  and reports them, which the user should hear about. So are images whose
+  every caption was empty.
   """
   by_id: dict[int, tuple[str, list[str], list[int]]] = {}
+  empty: collections.Counter[int] = collections.Counter()
   first_seen: dict[int, str] = {}
   for i, image in enumerate(data['images']):
     where = f'images[{i}]'
@@ -234,10 +240,14 @@ def parse_coco(data: dict[str, Any], split: str, source: str) -> list[Record]:
       raise UserError(
           f'{NAME}: {source}: {where} refers to image_id {image_id}, which '
           "is not in 'images'; add that image or remove the caption")
+    if not caption.strip():
+      empty[image_id] += 1
+      continue
     by_id[image_id][1].append(caption)
     by_id[image_id][2].append(caption_id)
   return [
-      Record(split, image_id, filename, tuple(captions), tuple(caption_ids))
+      Record(split, image_id, filename, tuple(captions), tuple(caption_ids),
+             empty[image_id])
       for image_id, (filename, captions, caption_ids) in by_id.items()
   ]
 
@@ -266,7 +276,7 @@ def parse_karpathy(data: dict[str, Any], source: str) -> list[Record]:
       raise UserError(
           f"{NAME}: {source}: {where} 'sentences' must be a list; fix that "
           'entry')
-    captions, caption_ids = [], []
+    captions, caption_ids, empty = [], [], 0
     for j, sentence in enumerate(sentences):
       s_where = f'{where}.sentences[{j}]'
       if not isinstance(sentence, dict):
@@ -280,11 +290,14 @@ def parse_karpathy(data: dict[str, Any], source: str) -> list[Record]:
         raise UserError(
             f"{NAME}: {source}: {s_where} needs a string 'raw'; fix that "
             'entry')
+      if not raw.strip():
+        empty += 1
+        continue
       captions.append(raw)
       caption_ids.append(_int_field(sentence, 'sentid', s_where, source)
                          if 'sentid' in sentence else j)
     records.append(Record(split, image_id, posixpath.join(filepath, filename),
-                          tuple(captions), tuple(caption_ids)))
+                          tuple(captions), tuple(caption_ids), empty))
   return records
 
 
@@ -484,7 +497,13 @@ class CaptionFiles(tfds.core.GeneratorBasedBuilder):
     if skipped:
       kinds = collections.Counter(_reason_kind(r) for _, r in skipped)
       summary += ' (' + ', '.join(f'{n} {k}' for k, n in kinds.items()) + ')'
-      logging.warning('%s; each is logged above with its path', summary)
+    empty = sum(record.empty_captions for record in records)
+    if empty:
+      summary += f'; {empty} empty captions dropped'
+    if skipped:
+      logging.warning('%s; each image is logged above with its path', summary)
+    elif empty:
+      logging.warning('%s', summary)
     else:
       logging.info('%s', summary)
     if not self.written[split]:
