@@ -5,9 +5,9 @@ r"""Hyperparameter tuning: an Optuna study whose trials are training runs.
         [--trials=N] [--workers=K] [--storage=URL]
     python -m capjax.tune --workdir=runs/tune-shapes --mode=report
 
-Each trial trains in WORKDIR/trials/N; the study lives in --storage
-(SQLite in WORKDIR by default). Run it again, or on more machines, and it
-continues the same study. See capjax/tuning/ and the README.
+Each trial trains in WORKDIR/trials/N; the study lives in --storage or
+$CAPJAX_STORAGE (SQLite in WORKDIR by default). Run it again, or on more
+machines, and it continues the same study. See capjax/tuning/ and the README.
 """
 
 import ctypes
@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from capjax import checkpoint
 from capjax import cli
 from capjax.errors import UserError
 from capjax.tuning import results
@@ -47,10 +48,16 @@ TRIALS = flags.DEFINE_integer('trials', None, 'Trials in the study '
 WORKERS = flags.DEFINE_integer('workers', 1, 'Trials at once on this machine,'
                                ' each in its own process with its share of '
                                'the CPU cores and GPUs.')
+# Read here, not in the library: the entry point owns the environment.
+STORAGE_ENV = 'CAPJAX_STORAGE'
 STORAGE = flags.DEFINE_string('storage', '', 'Where the study lives: '
-                              'a database URL (default sqlite:///WORKDIR/'
-                              'study.db) or journal:PATH (a journal file on '
-                              'a shared filesystem).')
+                              'a database URL or journal:PATH (a journal '
+                              'file on a shared filesystem); default: '
+                              f'${STORAGE_ENV}, else sqlite:///WORKDIR/'
+                              'study.db. Give a URL with a password in '
+                              f'${STORAGE_ENV}: a flag is in the process '
+                              'list, for every user to see. Logs and errors '
+                              'show the password masked.')
 STUDY = flags.DEFINE_string('study', 'capjax', 'The study\'s name in the '
                             'storage.')
 WORKER = flags.DEFINE_integer('worker', 0, 'This worker\'s index (a SLURM '
@@ -61,35 +68,46 @@ REPORT = flags.DEFINE_bool('report', True, 'Write the results when the study '
 flags.mark_flags_as_required(['workdir'])
 
 
+def _given() -> str:
+  """The storage URL the user gave: --storage, else $CAPJAX_STORAGE."""
+  return STORAGE.value or os.environ.get(STORAGE_ENV, '')
+
+
 def _url(workdir: str) -> str:
-  return STORAGE.value or storage_lib.default_url(workdir)
+  return _given() or storage_lib.default_url(workdir)
 
 
 def report(workdir: str) -> None:
   """--mode=report: the study as it is, without running anything."""
   import optuna  # pylint: disable=g-import-not-at-top
-  if not STORAGE.value and not os.path.exists(
-      os.path.join(workdir, 'study.db')):
+  if not _given() and not os.path.exists(os.path.join(workdir, 'study.db')):
     raise UserError(f'no study in --workdir={workdir} (no study.db); give '
-                    '--storage if it lives elsewhere')
+                    f'--storage (or ${STORAGE_ENV}) if it lives elsewhere')
   url = _url(workdir)
   storage = storage_lib.open_storage(url)
   try:
     study = optuna.load_study(study_name=STUDY.value, storage=storage)
   except KeyError:
-    raise UserError(f'no study {STUDY.value!r} in {url}') from None
+    raise UserError(f'no study {STUDY.value!r} in '
+                    f'{storage_lib.shown(url)}') from None
   print(results.report(study, workdir), flush=True)
 
 
 def _child_argv(argv: list[str], index: int) -> list[str]:
-  """This command for worker `index`: one worker, no report."""
+  """This command for worker `index`: one worker, no report, and no
+  --storage, which may hold a password that `ps` would show to every user
+  of the machine: the worker reads it from $CAPJAX_STORAGE."""
   out, skip = [], False
   for arg in argv:
     if skip:
       skip = False
       continue
-    if re.fullmatch(r'--(workers|worker|report|noreport)(=.*)?', arg):
-      skip = arg in ('--workers', '--worker')  # Its value follows.
+    # absl reads -flag as --flag, and --flag VALUE as --flag=VALUE.
+    match = re.fullmatch(r'--?(workers|worker|report|noreport|storage)'
+                         r'(=.*)?', arg)
+    if match:
+      skip = match[2] is None and match[1] in ('workers', 'worker',
+                                               'storage')
       continue
     out.append(arg)
   return [sys.executable, '-m', 'capjax.tune', *out, '--workers=1',
@@ -108,10 +126,10 @@ def _gpus() -> list[str]:
           if line.startswith('GPU ')]
 
 
-def _spawn_workers(k: int) -> int:
-  """Runs `k` workers, each a process with its share of the cores (and
-  GPUs); waits for them. A signal to this process goes to them all, and
-  they die with it."""
+def _spawn_workers(k: int, url: str) -> int:
+  """Runs `k` workers on the study at `url`, each a process with its share
+  of the cores (and GPUs); waits for them. A signal to this process goes
+  to them all, and they die with it."""
   cores = sorted(os.sched_getaffinity(0))
   gpus = _gpus()
   if gpus and len(gpus) % k:
@@ -120,6 +138,7 @@ def _spawn_workers(k: int) -> int:
   procs = []
   for i in range(k):
     env = dict(os.environ)
+    env[STORAGE_ENV] = url  # Only this user can read a process's environment.
     # Contiguous blocks: neighbouring GPUs share links, cores caches.
     if gpus:
       n = len(gpus) // k
@@ -170,13 +189,14 @@ def tune(config, workdir: str) -> None:
   storage = storage_lib.open_storage(
       url, interval=sweep.heartbeat_seconds, grace=sweep.grace_seconds,
       max_retries=sweep.max_retries)
-  study = study_lib.open_study(storage, STUDY.value, sweep, config, url,
-                               worker=WORKER.value)
+  study = study_lib.open_study(storage, STUDY.value, sweep, config,
+                               storage_lib.shown(url), worker=WORKER.value)
   total = study_lib.size(sweep, trials)
   logging.info('Study %r in %s: %s of %d trials finished.', STUDY.value,
-               url, study_lib.counts(study)['finished'], total)
+               storage_lib.shown(url), study_lib.counts(study)['finished'],
+               total)
   if WORKERS.value > 1:
-    code = _spawn_workers(WORKERS.value)
+    code = _spawn_workers(WORKERS.value, url)
     if code:
       sys.exit(f'capjax: error: a worker exited with {code}; rerun the same '
                'command to continue the study')
@@ -213,6 +233,7 @@ def tune(config, workdir: str) -> None:
 
 def main(argv):
   logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  checkpoint.quiet_reported_failures()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   try:

@@ -3,6 +3,7 @@ train configs/test.py, pruning, kill -9 and resume, two workers."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import optuna
 import pytest
 
 from capjax import config as config_lib
+from capjax import tune
 from capjax.errors import UserError
 from capjax.tuning import results
 from capjax.tuning import storage as storage_lib
@@ -19,6 +21,15 @@ from capjax.tuning import sweep as sweep_lib
 from conftest import REPO, chromium, chromium_flags
 
 State = optuna.trial.TrialState
+# The password in the storage URLs below: it must never be shown.
+SECRET = 's3cret'
+
+
+@pytest.fixture(autouse=True)
+def no_storage_from_the_shell(monkeypatch):
+  """A CAPJAX_STORAGE exported in the shell would take these tests'
+  studies (and their tuner subprocesses') there."""
+  monkeypatch.delenv(tune.STORAGE_ENV, raising=False)
 
 
 def _sweep_file(tmp_path, body: str, name='sweep.py') -> str:
@@ -128,6 +139,52 @@ def test_apply_sets_nested_fields_on_a_copy(test_config):
 def test_a_storage_that_cannot_be_opened_is_one_line(url, message):
   with pytest.raises(UserError, match=message):
     storage_lib.open_storage(url, interval=1, grace=2, max_retries=1)
+
+
+@pytest.mark.parametrize('url, want', [
+    ('postgresql://alice:s3cret@db.example:5432/study',
+     'postgresql://alice:***@db.example:5432/study'),
+    ('postgresql+psycopg://alice:s3cret%40x@h/db?sslmode=require',
+     'postgresql+psycopg://alice:***@h/db?sslmode=require'),
+    # Unescaped '@' and '/': SQLAlchemy would read 't@h' as the host.
+    ('postgresql://alice:s3c/re@t@h/db', 'postgresql://alice:***@h/db'),
+    ('postgresql://h/db?user=alice&password=s3cret',
+     'postgresql://h/db?user=alice&password=***'),
+    # What SQLAlchemy cannot parse: no scheme, a bad port, no '@host'.
+    ('alice:s3cret@h/db', 'alice:***@h/db'),
+    ('mysql://alice:s3cret@h:port/db', 'mysql://alice:***@h:port/db'),
+    ('postgresql://alice:s3cret/db', 'postgresql://alice:***/db'),
+    # Nothing to hide.
+    ('postgresql://alice@h:5432/db', 'postgresql://alice@h:5432/db'),
+    ('sqlite:////runs/tune@2/study.db', 'sqlite:////runs/tune@2/study.db'),
+    ('journal:/shared/a:b@c/study.log', 'journal:/shared/a:b@c/study.log'),
+    ('study.db', 'study.db'),
+])
+def test_a_storage_url_is_shown_without_its_password(url, want):
+  assert storage_lib.shown(url) == want
+
+
+@pytest.mark.parametrize('url, message', [
+    # Nothing listens there; without a PostgreSQL driver installed, the
+    # driver is what is missing.
+    ('postgresql://alice:s3cret@127.0.0.1:{port}/study',
+     r'cannot open --storage=postgresql://alice:\*\*\*@127.0.0.1:\d+/study: '
+     r'(ImportError: Failed to import DB access module|'
+     r'OperationalError: .*refused)'),
+    ('alice:s3cret@127.0.0.1/study', r'cannot open --storage=alice:\*\*\*@'
+     r'127.0.0.1/study: ArgumentError: Could not parse'),
+    # The error quotes what it took for a port.
+    ('postgresql://alice:s3cret/study', r'cannot open --storage=postgresql://'
+     r"alice:\*\*\*/study: ValueError: invalid literal .*: '\*\*\*'$"),
+])
+def test_a_storage_that_cannot_be_opened_hides_its_password(url, message):
+  with socket.socket() as closed:  # Bound, not listening: refused.
+    closed.bind(('127.0.0.1', 0))
+    url = url.format(port=closed.getsockname()[1])
+    with pytest.raises(UserError, match=message) as error:
+      storage_lib.open_storage(url, interval=1, grace=2, max_retries=1)
+  assert SECRET not in str(error.value)
+  assert '\n' not in str(error.value)
 
 
 def _one_field_sweep(**kwargs) -> sweep_lib.Sweep:
@@ -341,6 +398,78 @@ def test_a_killed_tuner_resumes_its_trial_from_the_checkpoint(
   assert max(trials[1].intermediate_values) == 24
   assert os.listdir(workdir / 'trials') == ['0000']
   assert 'interrupted; retried as 1' in out
+
+
+def test_workers_get_the_storage_in_their_environment_not_argv(
+    monkeypatch):
+  url = f'postgresql://alice:{SECRET}@db.example/study'
+  started = []
+
+  class Worker:  # What _spawn_workers uses of a Popen.
+    pid = 0
+
+    def __init__(self, argv, env, preexec_fn):
+      del preexec_fn  # It would pin this process to a core.
+      started.append((argv, env))
+
+    def poll(self):
+      return 0
+
+    def wait(self):
+      return 0
+
+  monkeypatch.setattr(tune.subprocess, 'Popen', Worker)
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+  # Every way absl takes the flag.
+  monkeypatch.setattr(sys, 'argv', [
+      'capjax/tune.py', '--config=configs/test.py', f'--storage={url}',
+      '--storage', url, f'-storage={url}', '--workers=2', '--trials=4'])
+  assert tune._spawn_workers(2, url) == 0  # pylint: disable=protected-access
+  assert [argv[3:] for argv, _ in started] == [
+      ['--config=configs/test.py', '--trials=4', '--workers=1',
+       f'--worker={i}', '--noreport'] for i in range(2)]
+  assert all(SECRET not in ' '.join(argv) for argv, _ in started)
+  assert [env['CAPJAX_STORAGE'] for _, env in started] == [url, url]
+
+
+def test_a_password_in_the_storage_url_stays_out_of_logs_and_results(
+    tmp_path, shapes_data_dir, test_config):
+  # SQLite ignores a URI parameter it does not know: a study whose URL
+  # holds a password, as a database server's does.
+  url = f'sqlite:///file:{tmp_path}/study.db?password={SECRET}&uri=true'
+  path = _sweep_file(tmp_path, (
+      "Sweep(space={'train.learning_rate': categorical(1e-2, 3e-3)}, "
+      "trials=1)"))
+  sweep = sweep_lib.load(path)
+  storage = storage_lib.open_storage(url, interval=1, grace=2, max_retries=1)
+  study = study_lib.open_study(storage, 'capjax', sweep, test_config,
+                               'the test')
+  workdir = tmp_path / 'tune'
+  study.add_trial(optuna.create_trial(
+      value=0.5, params={'train.learning_rate': 1e-2},
+      distributions=sweep.space,
+      user_attrs={'workdir': str(workdir / 'trials' / '0000')}))
+  # The study has its trial: the tuner, given the URL in the environment,
+  # logs where the study is and writes the results.
+  code, out, err = _tune(f'--sweep={path}', f'--workdir={workdir}',
+                         data_dir=shapes_data_dir,
+                         env=dict(os.environ, CAPJAX_STORAGE=url))
+  assert code == 0, err[-3000:]
+  assert (f"Study 'capjax' in sqlite:///file:{tmp_path}/study.db?"
+          'password=***&uri=true: 1 of 1 trials finished') in err
+  written = [(workdir / name).read_text()
+             for name in (results.TABLE, results.BEST_CONFIG)]
+  assert all(SECRET not in text for text in [out, err, *written])
+  # --storage wins over the environment (whose URL would not open).
+  report = subprocess.run(
+      [sys.executable, '-m', 'capjax.tune', '--mode=report',
+       f'--workdir={workdir}', f'--storage={url}'], cwd=REPO,
+      capture_output=True, text=True, check=False,
+      env=dict(os.environ, CAPJAX_STORAGE='postgresql://bob:hunter2@'
+               '127.0.0.1:1/study'))
+  assert report.returncode == 0, report.stderr[-2000:]
+  assert 'Best: trial 0, 0.5000' in report.stdout
+  assert SECRET not in report.stdout + report.stderr
 
 
 def _trained_once(workdir) -> bool:

@@ -5,6 +5,9 @@
                      machines share (a SLURM array), no database server
   URL                any SQLAlchemy URL, e.g. postgresql://user@host/db
 
+A URL is shown (in logs and errors) only through `shown`, with its
+password masked.
+
 Every worker records a heartbeat for its running trial. A trial whose
 heartbeat stops for `grace_seconds` (preemption, kill -9, a lost node) is
 marked failed by the next worker that looks, and Optuna's
@@ -13,6 +16,7 @@ retry trains in the same workdir, so it resumes from the last checkpoint.
 """
 
 import os
+import re
 import time
 import warnings
 
@@ -22,6 +26,7 @@ from optuna.storages import journal
 # does); the class below gives it one, through this interface, so that
 # Optuna's stale-trial handling and retry callback work on it unchanged.
 from optuna.storages._heartbeat import BaseHeartbeat
+from sqlalchemy.engine import make_url
 
 from capjax.errors import UserError
 
@@ -29,6 +34,82 @@ JOURNAL = 'journal:'
 # The trial's system attribute holding its last heartbeat (seconds since
 # the epoch) in a journal.
 _BEAT = 'capjax:heartbeat'
+# Query parameters that carry a secret, e.g. libpq's ?password=.
+_SECRET_QUERY = re.compile(r'([?&][^=&]*(?:pass|pwd|secret|token)[^=&]*=)'
+                           r'([^&]*)', re.IGNORECASE)
+_MASK = '***'
+
+
+def _parsed(url: str):
+  """`url` as SQLAlchemy reads it, or None where it cannot."""
+  try:
+    return make_url(url)
+  except Exception:  # pylint: disable=broad-exception-caught
+    return None  # ArgumentError, a ValueError for a bad port, ...
+
+
+def _password_span(url: str, parsed: bool) -> tuple[int, int] | None:
+  """Where a password may be in `url`, by a rule that needs no parsing:
+  from the first ':' after the scheme to the last '@' before the query,
+  so that one holding '@', '/' or ':' is masked whole. In a URL that
+  SQLAlchemy cannot read, without '@', up to the next '/': a password
+  whose '@host' was left out (its error calls it a bad port). A path or
+  port may be masked too: better than a password shown."""
+  scheme = url.find('://')
+  start = scheme + 3 if scheme >= 0 else 0
+  end = url.find('?', start)
+  end = len(url) if end < 0 else end
+  at = url.rfind('@', start, end)
+  if at < 0 and parsed:
+    return None
+  colon = url.find(':', start, end if at < 0 else at)
+  if colon < 0:
+    return None
+  stop = at if at >= 0 else url.find('/', colon, end)
+  stop = end if stop < 0 else stop
+  return (colon + 1, stop) if stop > colon + 1 else None
+
+
+def _secrets(url: str) -> list[str]:
+  """The passwords in `url`, as they are written and as SQLAlchemy reads
+  them."""
+  parsed = _parsed(url)
+  out = [m.group(2) for m in _SECRET_QUERY.finditer(url)]
+  span = _password_span(url, parsed is not None)
+  if span:
+    out.append(url[span[0]:span[1]])
+  if parsed is not None:
+    out.append(parsed.password or '')
+    if '@' in (parsed.host or ''):  # The tail of a password, in the host.
+      out.append(parsed.host)
+  return [s for s in out if s]
+
+
+def shown(url: str) -> str:
+  """`url` as it may be shown in logs, errors and files: its password
+  masked. `journal:PATH` and SQLite URLs have none and stay as they are."""
+  if url.startswith(JOURNAL):
+    return url
+  parsed = _parsed(url)
+  # A password holding an unescaped '@' leaves its tail in the host: the
+  # rule masks it whole.
+  if (parsed is not None and parsed.password is not None
+      and '@' not in (parsed.host or '')):
+    out = parsed.render_as_string(hide_password=True)
+  else:
+    # No password that SQLAlchemy sees (the URL stays as written), or one
+    # that it cannot see.
+    span = _password_span(url, parsed is not None)
+    out = url if span is None else url[:span[0]] + _MASK + url[span[1]:]
+  return _SECRET_QUERY.sub(r'\1' + _MASK, out)
+
+
+def _redacted(text: str, url: str) -> str:
+  """`text` (e.g. a driver's error) with `url` and its passwords masked."""
+  text = text.replace(url, shown(url))
+  for secret in sorted(_secrets(url), key=len, reverse=True):  # Whole first.
+    text = text.replace(secret, _MASK)
+  return text
 
 
 def default_url(workdir: str) -> str:
@@ -84,23 +165,23 @@ def _open(url: str, interval: int | None, grace: int | None, retry
     path = os.path.abspath(url[len(JOURNAL):])
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
-      raise UserError(f'--storage={url}: no folder {folder}')
+      raise UserError(f'--storage={shown(url)}: no folder {folder}')
     try:
       if interval is None:
         return journal.JournalStorage(journal.JournalFileBackend(path))
       return _JournalWithHeartbeat(path, interval, grace, retry)
     except OSError as e:
-      raise UserError(f'--storage={url}: cannot open {path}: {e.strerror}'
-                      ) from None
+      raise UserError(f'--storage={shown(url)}: cannot open {path}: '
+                      f'{e.strerror}') from None
   try:
     return optuna.storages.RDBStorage(
         url, heartbeat_interval=interval, grace_period=grace,
         heartbeat_stale_trial_callback=retry)
   except Exception as e:  # pylint: disable=broad-exception-caught
     # SQLAlchemy's errors for a bad URL, a missing driver, a database that
-    # refuses: their first line says which.
+    # refuses: their first line says which. A driver may quote the URL.
     first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-    raise UserError(f'cannot open --storage={url}: {type(e).__name__}: '
-                    f'{first}' + ('' if '://' in url else
-                                  f' (a database URL, or {JOURNAL}PATH)')
-                    ) from None
+    raise UserError(f'cannot open --storage={shown(url)}: '
+                    f'{type(e).__name__}: {_redacted(first, url)}'
+                    + ('' if '://' in url else
+                       f' (a database URL, or {JOURNAL}PATH)')) from None

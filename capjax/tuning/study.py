@@ -52,7 +52,8 @@ def open_study(storage: optuna.storages.BaseStorage, name: str,
   """The study `name`, created with this sweep and `config` (before the
   sweep's overrides) if new. An existing one must have been created with
   the same search space, objective, overrides and config, or it is a
-  UserError (and nothing is changed).
+  UserError (and nothing is changed). `where` names the storage in those
+  errors: a URL as `storage.shown` gives it, its password masked.
 
   Its sampler's seed is the sweep's plus `worker` and the trials so far:
   two workers, or a rerun, never draw the same random trials.
