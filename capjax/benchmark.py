@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capjax import decode
+from capjax import files
 from capjax import inference
 from capjax import metrics
 from capjax import models
@@ -557,6 +558,8 @@ def main(argv):
 
 
 def run(config) -> dict[str, Any]:
+  if FLAGS.json:  # Written at the end: a wrong path is told now.
+    files.check_output(FLAGS.json, f'--json={FLAGS.json}')
   results = {'device': str(jax.devices()[0].device_kind),
              'devices': jax.device_count(), 'backend': jax.default_backend(),
              'jax': jax.__version__, 'dtype': config.model.dtype,
@@ -641,8 +644,7 @@ def run(config) -> dict[str, Any]:
       print(f'  pycocoevalcap, the same three: {s["official"]:.2f} s '
             f'({s["official"] / s["metrics"]:.2f}x capjax\'s time)')
   if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump(results, f, indent=1)
+    files.write_text(FLAGS.json, json.dumps(results, indent=1))
   return results
 
 

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from capjax import files
 from capjax import parallel
 from capjax import start as start_lib
 from capjax import state as state_lib
@@ -95,8 +96,10 @@ def build(config: ml_collections.ConfigDict, data: prepare.Data, model,
   names = splits(config) if names is None else names
   cache = cache_of(config, data, model, state)
   chief = jax.process_index() == 0
-  with cache.lock() if chief else contextlib.nullcontext():
-    _build(config, data, model, state, par, cache, names, force)
+  # A read-only or full data dir: one line, on process 0, which writes.
+  with files.reporting(cache.folder, 'the feature cache'):
+    with cache.lock() if chief else contextlib.nullcontext():
+      _build(config, data, model, state, par, cache, names, force)
   return cache
 
 

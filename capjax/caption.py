@@ -7,17 +7,24 @@ Captions files, and image files under folders, with the model of a training
 workdir (`capjax.inference`, which is also the Python API). Each input gives
 one JSON line: {"path", "caption", "score", "alternatives": [{"caption",
 "score"}, ...]} or {"path", "error"}. `--html` adds the page of
-`capjax.report`. Exit codes: 0 all captioned, 1 some failed, 2 bad usage.
+`capjax.report`. Exit codes: 0 all captioned, 1 some failed (or an output
+could not be written), 2 bad usage (an output path that cannot be written
+included, told before any image is captioned).
 """
 
+from collections.abc import Iterator
+import contextlib
 import json
+import os
 import sys
+from typing import IO
 
 from absl import app
 from absl import flags
 from absl import logging
 import tqdm
 
+from capjax import files
 from capjax import inference
 from capjax import report
 from capjax.errors import UserError
@@ -66,10 +73,32 @@ def _captioner(paths: list[str]) -> inference.Captioner:
   if FLAGS.attention and not FLAGS.html:
     raise UserError('--attention draws heatmaps into the --html report; '
                     'give --html=FILE too')
+  # Written as the images are captioned, or after: a wrong path is told
+  # now, before the model is even loaded; a missing folder is made.
+  for flag, path in (('--output', FLAGS.output), ('--html', FLAGS.html)):
+    if path:
+      files.check_output(path, f'{flag}={path}')
   return inference.Captioner.from_workdir(
       FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step,
       beam_size=FLAGS.beam_size, max_len=FLAGS.max_len or None,
       alpha=FLAGS.alpha, batch_size=FLAGS.batch_size)
+
+
+@contextlib.contextmanager
+def _output() -> Iterator[IO[str]]:
+  """Where the JSON lines go: --output, or stdout.
+
+  Not written whole and renamed, as the other files capjax writes are: a
+  line per image as it is captioned, as on stdout, so that a reader can
+  follow the progress.
+  """
+  if not FLAGS.output:
+    yield sys.stdout
+    return
+  with files.reporting(os.path.dirname(os.path.abspath(FLAGS.output)),
+                       f'--output={FLAGS.output}'):
+    with open(FLAGS.output, 'w', encoding='utf-8') as out:
+      yield out
 
 
 def main(argv: list[str]) -> int:
@@ -87,26 +116,29 @@ def main(argv: list[str]) -> int:
           f'({", ".join(inference.IMAGE_EXTENSIONS)}) in {", ".join(paths)}',
           file=sys.stderr)
     return USAGE_ERROR
-  # pylint: disable-next=consider-using-with
-  out = open(FLAGS.output, 'w') if FLAGS.output else sys.stdout
   results, failed = [], 0
-  # A progress bar for people watching a terminal, none in pipes and logs.
-  with tqdm.tqdm(total=len(items), unit='image', file=sys.stderr,
-                 disable=len(items) <= 8 or not sys.stderr.isatty()) as bar:
-    for result in captioner.caption_iter(items, attention=FLAGS.attention,
-                                         keep_pixels=bool(FLAGS.html)):
-      out.write(json.dumps(result.to_json()) + '\n')
-      out.flush()
-      failed += result.error is not None
-      if FLAGS.html:
-        results.append(result)
-      bar.update()
-  if out is not sys.stdout:
-    out.close()
-  if FLAGS.html:
-    report.write_html(results, FLAGS.html, attention=FLAGS.attention,
-                      title=f'capjax captions: {FLAGS.workdir}, step '
-                      f'{captioner.step}')
+  try:
+    # A progress bar for people watching a terminal, none in pipes and logs.
+    with _output() as out, tqdm.tqdm(
+        total=len(items), unit='image', file=sys.stderr,
+        disable=len(items) <= 8 or not sys.stderr.isatty()) as bar:
+      for result in captioner.caption_iter(items, attention=FLAGS.attention,
+                                           keep_pixels=bool(FLAGS.html)):
+        out.write(json.dumps(result.to_json()) + '\n')
+        out.flush()
+        failed += result.error is not None
+        if FLAGS.html:
+          results.append(result)
+        bar.update()
+    if FLAGS.html:
+      with files.reporting(os.path.dirname(os.path.abspath(FLAGS.html)),
+                           f'--html={FLAGS.html}'):
+        report.write_html(results, FLAGS.html, attention=FLAGS.attention,
+                          title=f'capjax captions: {FLAGS.workdir}, step '
+                          f'{captioner.step}')
+  except files.WriteError as e:  # A full disk, meanwhile.
+    print(f'capjax: error: {e}', file=sys.stderr)
+    return 1
   print(f'{len(items) - failed} of {len(items)} images captioned'
         + (f', {failed} failed' if failed else ''), file=sys.stderr)
   return 1 if failed else 0

@@ -14,7 +14,6 @@ stay as they are.
 """
 
 import contextlib
-import errno
 import hashlib
 import logging as python_logging
 import os
@@ -30,6 +29,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as managers
 
 from capjax import config as config_lib
+from capjax import files
 from capjax.data.vocab import Vocab
 from capjax.errors import UserError
 
@@ -337,10 +337,10 @@ class Checkpoints:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      if not _is_disk_full(e):
+      if not files.is_disk_full(e):
         raise
       try:
-        free = _human(shutil.disk_usage(self.directory).free)
+        free = files.human_bytes(shutil.disk_usage(self.directory).free)
       except OSError:  # A remote file system.
         free = 'an unknown amount'
       self.manager.reload()  # The steps on disk, without the failed one.
@@ -351,7 +351,8 @@ class Checkpoints:
               'then run again to resume from it')
       raise UserError(
           f'no space left for checkpoints in {self.directory}: a checkpoint '
-          f'needs about {_human(self._state_bytes)} and {free} are free. '
+          f'needs about {files.human_bytes(self._state_bytes)} and {free} '
+          'are free. '
           f'{then}') from None
 
   def wait(self) -> None:
@@ -422,33 +423,6 @@ def _first_line(error: Exception) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
-# How a write that ran out of space shows: an OSError from Python's own
-# writes, or tensorstore's RESOURCE_EXHAUSTED, whose text carries the OS's.
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_TEXTS = tuple(os.strerror(e) for e in _DISK_FULL_ERRNOS)
-
-
-def _is_disk_full(error: BaseException | None) -> bool:
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
-      return True
-    if any(text in str(error) for text in _DISK_FULL_TEXTS):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
-
-
-def _human(size: float) -> str:
-  """1536 -> '1.5 KiB'."""
-  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
-    if size < 1024 or unit == 'TiB':
-      break
-    size /= 1024
-  return f'{size:.0f} B' if unit == 'B' else f'{size:.1f} {unit}'
-
-
 def _not_a_reported_full_disk(record: python_logging.LogRecord) -> bool:
   """A logging filter for what `Checkpoints` reports as one line itself.
 
@@ -457,7 +431,7 @@ def _not_a_reported_full_disk(record: python_logging.LogRecord) -> bool:
   through, and asyncio each write's error that nobody awaited, when its task
   is collected.
   """
-  return not (record.exc_info and _is_disk_full(record.exc_info[1]))
+  return not (record.exc_info and files.is_disk_full(record.exc_info[1]))
 
 
 def _late_tensorstore_callback(unraisable) -> bool:

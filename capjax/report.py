@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 
+from capjax import files
 from capjax.inference import Result
 
 # Size of the heatmap tiles, and how dark what the model ignores becomes.
@@ -98,6 +99,6 @@ def write_html(results: Sequence[Result], path: str, *, title: str,
           f'<body><h1>{html.escape(title)}</h1><p>{ok} of {len(results)} '
           f'images captioned.</p>{body}</body></html>\n')
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(page)
+  with files.reporting(directory, 'the HTML report'):
+    os.makedirs(directory, exist_ok=True)  # Its folder, when missing.
+    files.write_text(path, page)

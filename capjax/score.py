@@ -18,6 +18,7 @@ import sys
 from absl import app
 from absl import flags
 
+from capjax import files
 from capjax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -42,12 +43,11 @@ def write_json(path: str, results: dict[str, float], num_images: int,
             'annotations': annotations, 'results': results_file}
   directory = os.path.dirname(os.path.abspath(path))
   try:
-    os.makedirs(directory, exist_ok=True)
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump(record, f, indent=2)
-      f.write('\n')
-  except OSError as e:
-    raise UserError(f'cannot write --json {path}: {e.strerror}') from None
+    with files.reporting(directory, f'--json={path}'):
+      os.makedirs(directory, exist_ok=True)
+      files.write_text(path, json.dumps(record, indent=2) + '\n')
+  except OSError as e:  # What `files` cannot tell more about.
+    raise UserError(f'cannot write --json={path}: {e.strerror}') from None
 
 
 def run(annotations: str, results: str, *, json_path: str | None = None,
@@ -57,6 +57,8 @@ def run(annotations: str, results: str, *, json_path: str | None = None,
   Raises:
     UserError: anything wrong with the files, or a METEOR that cannot run.
   """
+  if json_path:  # Written at the end: a wrong path is told now.
+    files.check_output(json_path, f'--json={json_path}')
   # pylint: disable=g-import-not-at-top
   # Imported here so that `--help` and flag mistakes answer at once.
   from capjax import metrics

@@ -35,6 +35,7 @@ import ml_collections
 
 from capjax import checkpoint as checkpoint_lib
 from capjax import config as config_lib
+from capjax import files
 from capjax import state as state_lib
 from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
@@ -102,13 +103,11 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  path = config_path(workdir)
+  # The first write of a (re)started job: what a killed one left goes.
+  files.remove_leftovers(workdir)
   # Written whole, then renamed: a job reading it meanwhile (a captioner
   # beside a resumed trainer) never sees half a file.
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=1))
-  os.replace(tmp, path)
+  files.write_text(config_path(workdir), config.to_json_best_effort(indent=1))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import functools
 import shutil
+import subprocess
 
 from absl import flags
 import jax
@@ -255,3 +256,33 @@ def chromium_flags() -> list[str]:
   return ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
           '--disable-background-networking', '--disable-component-update',
           '--disable-sync', f'--user-data-dir={tempfile.mkdtemp()}']
+
+
+def in_a_tmpfs(mount_point, *argv, size='1m', read_only=False,
+               timeout=300) -> subprocess.CompletedProcess:
+  """Runs `argv` (from the repository, tests/ importable) with a tmpfs of
+  `size`, read-only if asked, at `mount_point`, seen by it alone (a user and
+  mount namespace); skips the test where the machine allows none.
+
+  The tests run as root, whom permission bits never stop: a read-only or
+  small file system is what really refuses a write.
+  """
+  os.makedirs(mount_point, exist_ok=True)
+  if not shutil.which('unshare'):
+    pytest.skip('needs unshare (util-linux) to mount a tmpfs')
+  options = f'size={size}' + (',ro' if read_only else '')
+
+  def run(command, **kwargs):
+    return subprocess.run(
+        ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
+         f'mount -t tmpfs -o {options} capjax-test "{mount_point}" '
+         '&& exec "$@"', 'sh', *map(str, command)],
+        text=True, capture_output=True, check=False, **kwargs)
+  probe = run(['true'])
+  if probe.returncode:
+    pytest.skip('needs user and mount namespaces (unshare --user '
+                '--map-root-user --mount) to mount a tmpfs, which this '
+                f'machine refuses: {probe.stderr.strip()}')
+  return run(argv, cwd=REPO, timeout=timeout, env=dict(
+      os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO,
+                                                                 'tests')])))

@@ -150,6 +150,41 @@ def test_all_good_exits_0_and_usage_errors_exit_2(trained_workdir, photos,
     assert want in err and 'Traceback' not in err, want
 
 
+def test_an_output_that_cannot_be_written_is_one_line_before_captioning(
+    trained_workdir, photos, tmp_path):
+  (tmp_path / 'folder').mkdir()
+  (tmp_path / 'file').write_text('')
+  folder, file = tmp_path / 'folder', tmp_path / 'file'
+  cases = {
+      f'cannot write --output={folder}: {folder} is a directory. Give a '
+      'file name': [f'--output={folder}'],
+      f'cannot write --output={file}/c.jsonl: {file} is a file, not a '
+      'folder. Choose another path': [f'--output={file / "c.jsonl"}'],
+      f'cannot write --html={file}/r.html: {file} is a file, not a folder. '
+      'Choose another path': [f'--html={file / "r.html"}'],
+      # Into missing folders: they are made.
+      None: [f'--output={tmp_path / "new" / "c.jsonl"}',
+             f'--html={tmp_path / "new" / "report" / "r.html"}'],
+  }
+  procs = {want: subprocess.Popen(
+      [sys.executable, '-m', 'capjax.caption', f'--workdir={trained_workdir}',
+       str(photos / 'a.jpg'), *args], cwd=REPO, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for want, args in cases.items()}  # Side by side: faster.
+  for want, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    if want is None:
+      assert proc.returncode == 0, err[-2000:]
+      continue
+    assert proc.returncode == 2, (want, err[-2000:])
+    assert err.strip().splitlines()[-1] == f'capjax: error: {want}'
+    assert out == ''  # No image captioned.
+  assert len((tmp_path / 'new' / 'c.jsonl').read_text().splitlines()) == 1
+  assert (tmp_path / 'new' / 'report' / 'r.html').exists()
+  assert sorted(os.listdir(tmp_path)) == ['file', 'folder', 'new']
+  assert os.listdir(folder) == []
+
+
 def test_html_report_has_every_image_and_attention(cli_run, trained_workdir):
   proc, report = cli_run
   page = report.read_text()

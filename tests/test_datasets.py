@@ -1,6 +1,7 @@
 """Dataset registry and preparation; COCO through `tfds.testing.mock_data`."""
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from capjax.data import prepare
 from capjax.data import shapes
 from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
+import conftest
 from conftest import coco_config
 from conftest import COCO_WORDS
 from conftest import KARPATHY_SIZES
@@ -164,3 +166,27 @@ def test_a_second_job_waits_for_the_dataset_build(tmp_path):
   reader.join()
   assert out.strip() == 'prepared'  # TFDS prints its build here: none.
   assert datasets.get_builder(config.data).is_prepared()
+
+
+@pytest.mark.parametrize('read_only', [True, False])
+def test_a_read_only_or_full_data_dir_is_one_line(tmp_path, read_only):
+  """The shapes build into a read-only TFDS data dir, or one that fills up
+  while TFDS writes the dataset: the job's last line says which folder and
+  why, with no traceback."""
+  mount_point = tmp_path / 'mnt'
+  proc = conftest.in_a_tmpfs(
+      mount_point, sys.executable, '-m', 'capjax.main',
+      '--config=configs/test.py', f'--workdir={tmp_path / "run"}',
+      '--mode=prepare', f'--config.data.data_dir={mount_point / "tfds"}',
+      size='1m' if read_only else '200k', read_only=read_only)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  reason = ('the file system is read-only. Choose a writable folder' if
+            read_only else r'[0-9.]+ [KMGT]?i?B are free\. Free some space '
+            'there, then run again')
+  # TFDS's progress bars may still clear their lines after it.
+  [line] = [l for l in proc.stderr.splitlines() if 'capjax: error' in l]
+  assert re.fullmatch(
+      r'capjax: error: (cannot write|no space left for) the shapes dataset in '
+      f'{re.escape(str(mount_point / "tfds"))}: {reason}, or prepare it in '
+      r'another --config\.data\.data_dir', line), proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]

@@ -4,7 +4,10 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
+import socket
+import subprocess
 
 import numpy as np
 from PIL import Image
@@ -178,15 +181,54 @@ def test_reduced_decoding_of_what_simplejpeg_cannot(tmp_path):
                                 images.resize(pixels, 64))
 
 
+class _FullDisk:
+  """An ArrayRecordWriter on a full disk: its error is the OS's, as text."""
+
+  def __init__(self, path, options):
+    del options
+    self.path = path
+    open(path, 'wb').close()  # pylint: disable=consider-using-with
+
+  def write(self, record):
+    del record
+    raise RuntimeError(f'write() failed: No space left on device; writing '
+                       f'{self.path}; at byte 1048576; Could not submit chunk')
+
+  def close(self):
+    raise RuntimeError('Failed to close chunk_writer')
+
+
 def test_a_failed_write_is_one_clear_error(test_config, tmp_path,
                                            monkeypatch):
   data = prepare.prepare(test_config, str(tmp_path))
+  folder = resized.directory(data.builder, SIZE)
+  for error in (OSError(errno.ENOSPC, 'No space left on device'), None):
+    def writer(path, options, error=error):
+      if error:
+        raise error
+      return _FullDisk(path, options)
 
-  def disk_full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(records.array_record_module, 'ArrayRecordWriter',
+                        writer)
+    with pytest.raises(UserError) as raised:
+      data.source('validation')
+    assert re.fullmatch(
+        f'no space left for the copy at 32 px in {re.escape(folder)}: '
+        r'[0-9.]+ [KMGT]?i?B are free\. Free some space there, then run '
+        'again, or read the originals with --config.data.resized_copy=False',
+        str(raised.value)), str(raised.value)
+    assert not [n for n in os.listdir(folder) if '.tmp-' in n]
 
-  monkeypatch.setattr(records.array_record_module, 'ArrayRecordWriter',
-                      disk_full)
-  with pytest.raises(UserError, match='cannot write the copy at 32 px.*No '
-                     'space left.*resized_copy=False'):
-    data.source('validation')
+
+def test_a_killed_builds_temporary_file_goes_when_the_next_starts(builder):
+  folder = resized.directory(builder, SIZE)
+  os.makedirs(folder)
+  dead = subprocess.Popen(['true'])  # A process no longer there.
+  dead.wait()
+  leftover = (f'train-00001.array_record.tmp-{socket.gethostname()}-'
+              f'{dead.pid}')
+  with open(os.path.join(folder, leftover), 'wb') as f:
+    f.write(b'half a shard')
+  resized.build(builder, ['validation'], SIZE)
+  assert sorted(os.listdir(folder)) == ['validation-00000.array_record',
+                                        'validation.json']

@@ -1,5 +1,6 @@
 """Tokenizer and vocabulary."""
 
+import errno
 import json
 import os
 
@@ -79,6 +80,18 @@ def test_save_load_round_trip_and_never_overwrites(tmp_path):
     _vocab(min_count=1).save(path)
   assert vocab_lib.Vocab.load(path) == vocab
   assert os.listdir(tmp_path) == ['vocab.json']  # No temporary files left.
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+  def full(src, dst):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), src)
+
+  monkeypatch.setattr(os, 'link', full)
+  with pytest.raises(UserError, match=(
+      f'^no space left for vocab.json in {tmp_path}: it needs about '
+      r'[0-9.]+ B and .* are free\. Free some space there, then run again$')):
+    _vocab().save(str(tmp_path / 'vocab.json'))
+  assert not os.listdir(tmp_path)
 
 
 def test_load_rejects_other_files(tmp_path):

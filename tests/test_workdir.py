@@ -61,6 +61,15 @@ def test_only_process_0_writes_the_config(tmp_path, monkeypatch):
   assert not os.listdir(tmp_path)
 
 
+def test_a_restarted_job_removes_what_a_killed_one_was_writing(tmp_path):
+  dead = subprocess.Popen(['true'])  # A process no longer there.
+  dead.wait()
+  leftover = tmp_path / f'config.json.tmp-{socket.gethostname()}-{dead.pid}'
+  leftover.write_text('{"half')
+  workdir.write_config(str(tmp_path), test_configs.get_config())
+  assert os.listdir(tmp_path) == [workdir.CONFIG]
+
+
 def test_config_of_an_older_workdir_gets_newer_defaults(tmp_path):
   config = test_configs.get_config()
   saved = _as_json(config)

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
+from capjax import files
 from capjax.data import locks
 from capjax.errors import UserError
 
@@ -99,13 +100,17 @@ def prepare(data: ml_collections.ConfigDict,
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(data.manual_dir))
   if jax.process_index() == 0:
-    # Two jobs building into one data dir would clash (e.g. the workers of
-    # a tuning study on a fresh machine): the second waits, then reads.
-    with locks.waiting(f'{os.fspath(builder.data_dir)}.prepare.lock',
-                       f'preparing {data.name} in {builder.data_dir}'):
-      builder = get_builder(data)  # As the holder left it.
-      if not builder.is_prepared():
-        builder.download_and_prepare(download_config=download_config)
+    # A read-only or full data dir: one line, not TFDS's traceback.
+    with files.reporting(
+        os.fspath(builder.data_dir_root), f'the {data.name} dataset',
+        instead='prepare it in another --config.data.data_dir'):
+      # Two jobs building into one data dir would clash (e.g. the workers
+      # of a tuning study on a fresh machine): the second waits, then reads.
+      with locks.waiting(f'{os.fspath(builder.data_dir)}.prepare.lock',
+                         f'preparing {data.name} in {builder.data_dir}'):
+        builder = get_builder(data)  # As the holder left it.
+        if not builder.is_prepared():
+          builder.download_and_prepare(download_config=download_config)
     return builder
   # Process 0 builds; the other processes of its job wait for it.
   return _wait_for_build(data, PREPARE_WAIT_SECONDS)

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
+from capjax import files
 from capjax.data import datasets
 from capjax.data import feature_cache
 from capjax.data import resized
@@ -71,16 +72,12 @@ def build_copy(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
                image_size: int) -> None:
   """Process 0 copies `splits` at `image_size`; the others wait for it."""
   if jax.process_index() == 0:
-    try:
+    # Read-only data dir, disk full, ...: complete shards stay, and a later
+    # run resumes from them.
+    with files.reporting(
+        resized.directory(builder, image_size), f'the copy at {image_size} px',
+        instead='read the originals with --config.data.resized_copy=False'):
       resized.build(builder, splits, image_size)
-    except OSError as e:
-      # Read-only data dir, disk full, ...: complete shards stay, and a
-      # later run resumes from them.
-      raise UserError(
-          f'cannot write the copy at {image_size} px to '
-          f'{resized.directory(builder, image_size)} ({e.strerror or e}): '
-          'free space or fix permissions there, or read the originals with '
-          '--config.data.resized_copy=False') from None
     return
   deadline = time.monotonic() + datasets.PREPARE_WAIT_SECONDS
   while resized.missing(builder, splits, image_size):

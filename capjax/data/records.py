@@ -5,11 +5,12 @@ A store is one folder holding, for each split, shards
 `<split>-NNNNN.array_record` and, once the split is complete,
 `<split>.json`: a header (what the records are made from and how) and the
 size of every shard. Each shard is written under a temporary name and
-renamed when complete, so an interrupted build resumes at the first missing
-shard; a split without its `.json`, with another header, or whose shards are
-not the sizes it records, is never read. Two stores use it: the resized copy
-of a dataset (`capjax.data.resized`) and the encoder's feature cache
-(`capjax.data.feature_cache`).
+renamed when complete (`capjax.files`), so an interrupted build resumes at
+the first missing shard, and the next build removes the temporary file a
+killed one left; a split without its `.json`, with another header, or whose
+shards are not the sizes it records, is never read. Two stores use it: the
+resized copy of a dataset (`capjax.data.resized`) and the encoder's feature
+cache (`capjax.data.feature_cache`).
 
 Why not `tfds.core.DatasetBuilder`: a builder's splits are made in one
 `download_and_prepare`, without resuming a half-written split, and its
@@ -18,6 +19,7 @@ version, not a header of our choosing, says what it holds.
 
 import bisect
 from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
 import json
 import os
 import time
@@ -28,6 +30,8 @@ from absl import logging
 from array_record.python import array_record_module
 import grain
 import tensorflow_datasets as tfds
+
+from capjax import files
 
 
 def shard_path(folder: str, split: str, index: int) -> str:
@@ -112,12 +116,17 @@ def write_split(folder: str, split: str, header: Mapping[str, Any],
   Shards already written by an interrupted build are kept. Returns the
   split's info, also written to `<split>.json` (last, atomically).
   """
-  os.makedirs(folder, exist_ok=True)
-  if os.path.exists(os.path.join(folder, f'{split}.json')):
-    # Complete once but now damaged or stale: its shards are not reused.
-    for name in os.listdir(folder):
-      if name.startswith(f'{split}-') or name == f'{split}.json':
-        os.remove(os.path.join(folder, name))
+  with files.reporting(folder):
+    os.makedirs(folder, exist_ok=True)
+    # The shard a killed build was writing.
+    files.remove_leftovers(folder)
+    if os.path.exists(os.path.join(folder, f'{split}.json')):
+      # Complete once but now damaged or stale: its shards are not reused.
+      # (Temporary files are another writer's, or `remove_leftovers`'.)
+      for name in os.listdir(folder):
+        if ((name.startswith(f'{split}-') or name == f'{split}.json')
+            and '.tmp-' not in name):
+          os.remove(os.path.join(folder, name))
   num_shards = -(-num_examples // shard_size)
   for shard in range(num_shards):
     path = shard_path(folder, split, shard)
@@ -126,27 +135,24 @@ def write_split(folder: str, split: str, header: Mapping[str, Any],
       if progress:
         progress.skipped(len(indices))
       continue
-    tmp = f'{path}.tmp-{os.getpid()}'
-    writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
-    try:
-      for record in records(indices):
-        writer.write(record)
+    with files.atomic_path(path) as tmp:
+      writer = array_record_module.ArrayRecordWriter(tmp, 'group_size:1')
+      try:
+        for record in records(indices):
+          writer.write(record)
+      except BaseException:
+        with contextlib.suppress(Exception):  # The first error is the one.
+          writer.close()
+        raise
       writer.close()
-    except BaseException:
-      writer.close()
-      os.remove(tmp)
-      raise
-    os.replace(tmp, path)
     if progress:
       progress.wrote(split, shard, num_shards, len(indices))
   shard_bytes = [os.path.getsize(shard_path(folder, split, i))
                  for i in range(num_shards)]
   info = dict(header, shards=num_shards, shard_bytes=shard_bytes,
               bytes=sum(shard_bytes))
-  tmp = os.path.join(folder, f'{split}.json.tmp-{os.getpid()}')
-  with open(tmp, 'w') as f:
-    json.dump(info, f, indent=1)
-  os.replace(tmp, os.path.join(folder, f'{split}.json'))
+  files.write_text(os.path.join(folder, f'{split}.json'),
+                   json.dumps(info, indent=1))
   logging.info('%s: %s done, %d examples, %.3f GB (%.1f KB each).', folder,
                split, num_examples, info['bytes'] / 1e9,
                info['bytes'] / max(num_examples, 1) / 1e3)

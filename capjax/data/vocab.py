@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from capjax import files
 from capjax.data import tokenizer
 from capjax.errors import UserError
 
@@ -86,15 +87,11 @@ class Vocab:
     return ' '.join(words)
 
   def save(self, path: str) -> None:
-    """Writes the vocabulary; never replaces an existing file."""
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump({'format': _FORMAT, 'source': self.source,
-                 'words': list(self.words)}, f, ensure_ascii=False, indent=0)
-    try:
-      os.link(tmp, path)  # Atomic, and fails if `path` appeared meanwhile.
-    finally:
-      os.remove(tmp)
+    """Writes the vocabulary; never replaces an existing file
+    (FileExistsError)."""
+    files.write_text(path, json.dumps(
+        {'format': _FORMAT, 'source': self.source, 'words': list(self.words)},
+        ensure_ascii=False, indent=0), exclusive=True)
 
   @classmethod
   def load(cls, path: str) -> 'Vocab':

@@ -4,7 +4,6 @@ process 0, and agreeing on its results."""
 from collections.abc import Callable, Mapping
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
@@ -13,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from capjax import decode
+from capjax import files
 from capjax import metrics as metrics_lib
 from capjax.data.vocab import Vocab
 from capjax.errors import UserError
@@ -103,6 +103,4 @@ def on_chief(fn: Callable[[], Any]) -> Any:
 
 def write_json(path: str, value: Any) -> None:
   """Writes whole, then renames: a reader never sees half a file."""
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + '.tmp', path)
+  files.write_text(path, json.dumps(value, indent=1))

@@ -22,6 +22,7 @@ import time
 import jax
 import ml_collections
 
+from capjax import files
 from capjax import metrics as metrics_lib
 from capjax import parallel
 from capjax import workdir as workdir_lib
@@ -105,6 +106,7 @@ class DecodeSplit:
     metrics = common.score_captions(references, captions,
                                     self._config.decode.meteor)
     os.makedirs(workdir_lib.decode_dir(self._workdir), exist_ok=True)
+    files.remove_leftovers(workdir_lib.decode_dir(self._workdir))
     step = info['step']
     common.write_json(
         workdir_lib.decode_results_path(self._workdir, self.split, step),

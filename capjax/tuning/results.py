@@ -20,6 +20,7 @@ import ml_collections
 import optuna
 
 from capjax import config as config_lib
+from capjax import files
 from capjax.tuning import sweep as sweep_lib
 from capjax.tuning import trial as trial_lib
 
@@ -27,13 +28,6 @@ State = optuna.trial.TrialState
 TABLE = 'results.md'
 BEST_CONFIG = 'best_config.py'
 PLOTS = 'plots'
-
-
-def _write(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)  # A reader never sees half a file.
 
 
 def _number(value) -> str:
@@ -173,7 +167,7 @@ def write_best_config(study: optuna.Study,
   doc = '\n\n'.join(textwrap.fill(p, 76) for p in paragraphs if p) + '\n'
 
   path = os.path.join(root, BEST_CONFIG)
-  _write(path, config_file(config, doc, set(best.params)))
+  files.write_text(path, config_file(config, doc, set(best.params)))
   return path
 
 
@@ -189,6 +183,7 @@ def write_plots(study: optuna.Study, root: str) -> list[str]:
 
   folder = os.path.join(root, PLOTS)
   os.makedirs(folder, exist_ok=True)
+  files.remove_leftovers(folder)
   written = []
   for name in ('optimization_history', 'intermediate_values',
                'parallel_coordinate', 'param_importances'):
@@ -202,18 +197,19 @@ def write_plots(study: optuna.Study, root: str) -> list[str]:
       continue
     # Written whole, then renamed: the workers of a SLURM array may all
     # write the results at once.
-    tmp = f'.tmp-{os.getpid()}'
     html = os.path.join(folder, f'{name}.html')
-    # plotly.min.js once beside the pages: they open offline.
-    figure.write_html(html + tmp, include_plotlyjs='directory')
-    os.replace(html + tmp, html)
+    with files.atomic_path(html) as tmp:
+      # plotly.min.js once beside the pages: they open offline.
+      figure.write_html(tmp, include_plotlyjs='directory')
     png = os.path.join(folder, f'{name}.png')
     fig = getattr(axes, 'figure', None) or axes.flat[0].figure
-    fig.set_size_inches(9, 5.5)
-    fig.tight_layout()
-    fig.savefig(png + tmp, format='png', dpi=110)
-    plt.close(fig)
-    os.replace(png + tmp, png)
+    try:
+      fig.set_size_inches(9, 5.5)
+      fig.tight_layout()
+      with files.atomic_path(png) as tmp:
+        fig.savefig(tmp, format='png', dpi=110)
+    finally:
+      plt.close(fig)
     written += [png, html]
   return written
 
@@ -222,7 +218,8 @@ def report(study: optuna.Study, root: str) -> str:
   """Writes the table, the best config and the plots; returns the text to
   print."""
   text = table(study, root)
-  _write(os.path.join(root, TABLE), text)
+  files.remove_leftovers(root)
+  files.write_text(os.path.join(root, TABLE), text)
   best = best_trial(study)
   path = write_best_config(study, best, root)
   plots = write_plots(study, root)
