@@ -25,6 +25,11 @@
           and from the original files (--sources); on the config's dataset,
           or on --photos photo-like 640x480 JPEGs. Needs TFDS and grain.
           Run it under `taskset -c 0` for a per-core figure.
+  checkpoint  seconds to save the config's train state (until written)
+          and to restore it, with and without the checksums that verify
+          every restored byte (capjax.checksums), alternating, on a
+          temporary folder (--checkpoint_dir for another disk); and the
+          checksum alone. Needs grain (the data position is saved too).
   score   seconds for BLEU-1..4, ROUGE-L and CIDEr-D (and the tokenisation
           before them) of --score_images images x 5 references of
           COCO-like captions, on one CPU core.
@@ -38,6 +43,7 @@ of --repeats device-synchronised runs.
 import functools
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -49,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capjax import checkpoint
 from capjax import decode
 from capjax import files
 from capjax import inference
@@ -76,7 +83,7 @@ PEAK_FLOPS = {
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('what', ['train', 'decode'], 'Benchmarks to run: train, '
-                  'decode, scst, features, input, score.')
+                  'decode, scst, features, input, checkpoint, score.')
 flags.DEFINE_list('per_device_batch', [], 'Train: images per device; '
                   "default: the config's batch_size over the devices.")
 flags.DEFINE_integer('steps', 10, 'Train: steps per timed run.')
@@ -102,6 +109,8 @@ flags.DEFINE_integer('batch', 0, 'Decode batch in images; 0: the '
 flags.DEFINE_integer('repeats', 3, 'Timed runs per figure (the median).')
 flags.DEFINE_integer('score_images', 5000, 'Images of the score benchmark '
                      '(5,000: the Karpathy test split).')
+flags.DEFINE_string('checkpoint_dir', None, 'Checkpoint: where the timed '
+                    'checkpoints are written (default: a temporary folder).')
 flags.DEFINE_string('json', None, 'Also write the results to this file.')
 
 
@@ -549,8 +558,51 @@ def bench_score(num_images: int, repeats: int) -> dict[str, float]:
   return out
 
 
+def bench_checkpoint(config, repeats: int, vocab_size: int,
+                     folder: str | None) -> dict[str, Any]:
+  """Save and restore seconds of the config's state, checksums on and off."""
+  # pylint: disable=g-import-not-at-top
+  import grain  # The data position is part of every checkpoint.
+  from capjax import checksums
+  # pylint: enable=g-import-not-at-top
+  model = models.build_captioner(config.model, vocab_size,
+                                 config.data.normalization)
+  par = parallel.Parallel(config)
+  state = jax.jit(functools.partial(state_lib.create, config, model, None),
+                  out_shardings=par.replicated)(jax.random.key(0))
+  abstract = state_lib.abstract(config, model, par.replicated)
+  meta = {'model': config.model.to_dict()}
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  times = {(what, on): [] for what in ('save', 'restore')
+           for on in (False, True)}
+  with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    for round_ in range(repeats + 1):  # Round 0 compiles and warms up.
+      for on in (False, True):
+        directory = os.path.join(tmp, f'{round_}-{on}')
+        ckpt = checkpoint.Checkpoints(directory, config, checksums=on)
+        start = time.perf_counter()
+        ckpt.save(1, state, iterator, meta)
+        ckpt.wait()
+        saved = time.perf_counter()
+        jax.block_until_ready(ckpt.restore(abstract, meta))
+        restored = time.perf_counter()
+        ckpt.close()
+        shutil.rmtree(directory)
+        if round_:
+          times['save', on].append(saved - start)
+          times['restore', on].append(restored - saved)
+  out = {f'{what}_seconds' + ('_checksums' if on else ''):
+         statistics.median(v) for (what, on), v in times.items()}
+  out['checksum_seconds'] = _median_seconds(
+      lambda: checksums.tree(state), repeats)
+  out['state_bytes'] = sum(x.nbytes for x in jax.tree.leaves(state))
+  out['leaves'] = len(jax.tree.leaves(state))
+  return out
+
+
 def main(argv):
   del argv
+  checkpoint.quiet_reported_failures()
   try:
     run(FLAGS.config)
   except UserError as e:
@@ -635,6 +687,16 @@ def run(config) -> dict[str, Any]:
           extra += f'  {r[k] / 1e3:.1f} KB/image'
       print(f'  {r["source"]:<8} {r["workers"]} workers: '
             f'{r["images_per_second"]:9.1f} images/s{extra}')
+  if 'checkpoint' in FLAGS.what:
+    c = results['checkpoint'] = bench_checkpoint(
+        config, FLAGS.repeats, FLAGS.vocab_size, FLAGS.checkpoint_dir)
+    print(f'checkpoint ({config.model.encoder.arch}, '
+          f'{c["state_bytes"] / 2**20:.0f} MiB in {c["leaves"]} arrays):')
+    for what in ('save', 'restore'):
+      plain, checked = c[f'{what}_seconds'], c[f'{what}_seconds_checksums']
+      print(f'  {what:<8} {plain:7.2f} s, with checksums {checked:7.2f} s '
+            f'({100 * (checked / plain - 1):+.1f}%)')
+    print(f'  the checksums alone: {c["checksum_seconds"]:.3f} s')
   if 'score' in FLAGS.what:
     s = results['score'] = bench_score(FLAGS.score_images, FLAGS.repeats)
     print(f'score ({s["images"]} images x 5 references, one core):')

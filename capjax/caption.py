@@ -24,6 +24,7 @@ from absl import flags
 from absl import logging
 import tqdm
 
+from capjax import checkpoint
 from capjax import files
 from capjax import inference
 from capjax import report
@@ -104,6 +105,7 @@ def _output() -> Iterator[IO[str]]:
 def main(argv: list[str]) -> int:
   # A tool's output, not a job's log: library INFO lines would drown it.
   logging.set_verbosity(logging.WARNING)
+  checkpoint.quiet_reported_failures()
   paths = argv[1:]
   try:
     captioner = _captioner(paths)

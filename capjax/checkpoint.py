@@ -7,14 +7,26 @@ orbax's finalisation) so that a resumed run continues exactly:
   data   the grain iterator's position (one file per process)
   meta   the model config and vocabulary the state belongs to
 
-The latest `train.keep_checkpoints` steps are kept, plus the one with the
-best validation metric. A write that runs out of disk space is reported as
+The latest `train.keep_checkpoints` steps are kept, plus the best by
+`train.best_metric`. A write that runs out of disk space is reported as
 one line (`UserError`) naming the step to resume from; the steps before it
 stay as they are.
+
+Every byte restored is verified: a fourth item, `checksums`, holds a
+checksum of every array of the state (`capjax.checksums`, computed on
+device, written by orbax's background write), and every
+restore (training's resume, `init_from`, the decode jobs, captioning)
+compares the restored arrays with it. A step whose arrays differ is
+damaged: training sets it aside and resumes from the newest intact one; a
+job that only reads stops with one line naming the damaged step and the
+intact ones (`DamagedCheckpoint`). Steps of capjax versions before the
+checksum restore as they did, with one warning.
 """
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import logging as python_logging
 import os
 import shutil
@@ -22,12 +34,14 @@ import sys
 from typing import Any, TYPE_CHECKING
 
 from absl import logging
+from flax import serialization
 import jax
 from jax.experimental import multihost_utils as multihost
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as managers
 
+from capjax import checksums
 from capjax import config as config_lib
 from capjax import files
 from capjax.data.vocab import Vocab
@@ -39,9 +53,10 @@ from capjax.errors import UserError
 if TYPE_CHECKING:
   import grain  # pylint: disable=g-import-not-at-top
 
-# The validation metric that picks the best checkpoint, and whether higher
-# is better: CIDEr-D of the captions decoded in validation.
-BEST_METRIC = ('val_CIDEr', True)
+
+
+class DamagedCheckpoint(UserError):
+  """A step that a job which only reads cannot use; it names the others."""
 
 
 def meta(config: ml_collections.ConfigDict, vocab: Vocab) -> dict[str, Any]:
@@ -124,6 +139,85 @@ def _check_same_model(saved: dict[str, Any], meta_data: dict[str, Any],
                     f'({"; ".join(differences[:5])}); {fix}')
 
 
+def _start_checksums(state: Any) -> checksums.Pending:
+  """Checksums of a state (a TrainState or a dict of its fields), keyed by
+  the same paths whichever form it has, so that the partial restore of
+  `load_weights` compares its leaves with the whole state's."""
+  return checksums.start(serialization.to_state_dict(state))
+
+
+class _ChecksumsHandler(ocp.AsyncCheckpointHandler):
+  """The `checksums` item of a step: its state's checksums, as JSON.
+
+  orbax's own handlers cannot save a value the device is still computing;
+  this one waits for it in orbax's background write, beside the arrays'
+  own, so the training loop never waits for the checksums. Process 0
+  writes; the step is complete (and renamed into place) only once it has.
+  """
+
+  FILENAME = 'checksums.json'
+
+  async def async_save(self, directory, args: '_ChecksumsSave'):
+    async def write():
+      if jax.process_index() == 0:
+        (directory / self.FILENAME).write_text(
+            json.dumps(args.pending.result()))
+    return [ocp.future.CommitFutureAwaitingContractedSignals(
+        write(), name='capjax_checksums')]
+
+  def save(self, directory, args: '_ChecksumsSave'):
+    (directory / self.FILENAME).write_text(json.dumps(args.pending.result()))
+
+  def restore(self, directory, args=None) -> dict[str, str]:
+    del args
+    return json.loads((directory / self.FILENAME).read_text())
+
+
+@ocp.args.register_with_handler(_ChecksumsHandler, for_save=True)
+@dataclasses.dataclass
+class _ChecksumsSave(ocp.args.CheckpointArgs):
+  pending: checksums.Pending
+
+
+@ocp.args.register_with_handler(_ChecksumsHandler, for_restore=True)
+@dataclasses.dataclass
+class _ChecksumsRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _read_checksums(manager: ocp.CheckpointManager,
+                    step: int) -> dict[str, str] | None:
+  """The checksums saved with `step`; None for a step of a capjax before
+  them."""
+  if not (manager.directory / str(step) / 'checksums').exists():
+    return None
+  return manager.restore(step, args=ocp.args.Composite(
+      checksums=_ChecksumsRestore()))['checksums']
+
+
+_warned_unverified = False
+
+
+def _verify(saved: dict[str, str] | None, restored: Any,
+            step: int) -> str | None:
+  """Why `restored` (a state or part of one) is not what step `step` saved
+  (`saved`: its checksums), or None if its every array matches."""
+  global _warned_unverified
+  if saved is None:
+    if not _warned_unverified:
+      logging.warning('Checkpoint %d was written by a capjax without '
+                      'checksums: its arrays restore unverified.', step)
+      _warned_unverified = True
+    return None
+  bad = checksums.mismatches(saved, _start_checksums(restored).result())
+  if not bad:
+    return None
+  arrays = ('1 array differs from the checksum saved with it' if len(bad) == 1
+            else f'{len(bad)} arrays differ from the checksums saved with '
+            'them')
+  return f'{arrays} ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})'
+
+
 class _Manager(ocp.CheckpointManager):
   """orbax's manager, leaving JAX's preemption sync point to
   `capjax.preemption`.
@@ -143,10 +237,12 @@ class Checkpoints:
   """An orbax CheckpointManager for `DIR/checkpoints`."""
 
   def __init__(self, directory: str, config: ml_collections.ConfigDict,
-               create: bool = True):
-    """`create=False` for the decode jobs, which only read."""
+               create: bool = True, checksums: bool = True):
+    """`create=False` for the decode jobs, which only read. `checksums=False`
+    neither stores nor verifies them: only to measure what they cost."""
+    self._checksums = checksums
     t = config.train
-    metric, higher_is_better = BEST_METRIC
+    metric, higher_is_better = config_lib.best_metric(config)
     policy = managers.AnyPreservationPolicy([
         managers.LatestN(n=t.keep_checkpoints),
         managers.BestN(get_metric_fn=lambda m: m[metric],
@@ -159,7 +255,6 @@ class Checkpoints:
     if not create and not os.path.isdir(directory):
       raise UserError(f'no checkpoint in {directory}: train first '
                       '(--mode=train with the same --workdir)')
-    _quiet_reported_failures()
     self._state_bytes = 0  # Of the state saved last: what a step needs.
     self.manager = _Manager(
         directory,
@@ -183,16 +278,16 @@ class Checkpoints:
     # many processes.
     meta_data = dict(meta_data, processes=jax.process_count(),
                      resume=self._resume)
+    items = dict(state=ocp.args.StandardSave(state),
+                 data=grain.checkpoint.CheckpointSave(iterator),
+                 meta=ocp.args.JsonSave(meta_data))
+    if self._checksums:  # Dispatched now, written in the background.
+      items['checksums'] = _ChecksumsSave(_start_checksums(state))
     self._state_bytes = sum(getattr(leaf, 'nbytes', 8)
                             for leaf in jax.tree.leaves(state))
     with self._reporting_a_full_disk():
-      self.manager.save(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardSave(state),
-              data=grain.checkpoint.CheckpointSave(iterator),
-              meta=ocp.args.JsonSave(meta_data)),
-          metrics=metrics, force=True)
+      self.manager.save(step, args=ocp.args.Composite(**items),
+                        metrics=metrics, force=True)
 
   def restore(self, abstract_state: Any,
               meta_data: dict[str, Any]) -> tuple[Any, int] | None:
@@ -238,19 +333,50 @@ class Checkpoints:
             f'cannot be carried over. Resume with {processes} processes, '
             'or set --config.train.discard_data_state=True to restore the '
             'model and optimizer and restart the data order')
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning('Checkpoint %d is unreadable (%s); trying the one '
-                        'before.', step, _first_line(e))
+      state, why = self._read_state(step, abstract_state)
+      if why is None and processes == jax.process_count():
+        why = self._data_unreadable(step)
+      if why is not None:
+        logging.warning('Checkpoint %d is %s; trying the one before.', step,
+                        why)
         unreadable.append(step)
         continue
       self._set_aside(unreadable)
       logging.info('Restored step %d from %s.', step, self.directory)
-      return restored['state'], step
+      return state, step
     raise UserError(f'no checkpoint in {self.directory} could be read (tried '
                     f'steps {steps}); see the warnings above')
+
+  def _read_state(self, step: int,
+                  abstract_state: Any) -> tuple[Any, str | None]:
+    """(state, None) of `step`, verified against its checksums, or (None,
+    why it is unreadable or damaged)."""
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))['state']
+      saved = self._checksums and _read_checksums(self.manager, step)
+    except Exception as e:  # pylint: disable=broad-except
+      return None, f'unreadable ({_first_line(e)})'
+    why = self._checksums and _verify(saved, state, step)
+    return (None, f'damaged: {why}') if why else (state, None)
+
+  def _data_unreadable(self, step: int) -> str | None:
+    """Why the data position of `step` cannot restore, or None.
+
+    Every process checks every process's file (they are small JSON), so
+    that all agree on the step to resume from; grain reads its own later,
+    once the input pipeline is built.
+    """
+    if self.discard_data_state:
+      return None
+    folder = self.manager.directory / str(step) / 'data'
+    for path in sorted(folder.glob('*.json')):
+      try:
+        json.loads(path.read_text())
+      except (OSError, ValueError) as e:
+        return (f'unreadable (its data position {path.name}: '
+                f'{_first_line(e)})')
+    return None
 
   def restore_data(self, step: int,
                    iterator: 'grain.DatasetIterator') -> None:
@@ -284,11 +410,15 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def restore_state(self, abstract_state: Any, meta_data: dict[str, Any],
-                    step: int | None = None) -> tuple[Any, int]:
+                    step: int | None = None,
+                    step_flag: str = '--config.decode.checkpoint_step'
+                    ) -> tuple[Any, int]:
     """(state, step) of `step` (default: the latest), for evaluation.
 
     Only the state and its metadata are read: the data iterator's position
-    belongs to training.
+    belongs to training. A damaged or unreadable step raises a
+    `DamagedCheckpoint` that names the intact steps and `step_flag`, the
+    option of the calling job that picks one.
     """
     steps = self.steps()
     if not steps:
@@ -299,14 +429,30 @@ class Checkpoints:
     elif step not in steps:
       raise UserError(f'no checkpoint of step {step} in {self.directory}; '
                       f'it has steps {", ".join(map(str, steps))}')
-    # Evaluation reads no data position and no optimizer state: the saved
-    # process count and resume fields do not matter.
-    _check_same_model(_read_meta(self.manager, step), meta_data,
-                      f'checkpoint {step} in {self.directory} belongs to',
-                      'decode with the config it was trained with')
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored['state'], step
+    try:
+      saved = _read_meta(self.manager, step)
+    except Exception as e:  # pylint: disable=broad-except
+      saved, why = None, f'unreadable ({_first_line(e)})'
+    if saved is not None:
+      # Evaluation reads no data position and no optimizer state: the saved
+      # process count and resume fields do not matter.
+      _check_same_model(saved, meta_data,
+                        f'checkpoint {step} in {self.directory} belongs to',
+                        'decode with the config it was trained with')
+      state, why = self._read_state(step, abstract_state)
+      if why is None:
+        return state, step
+    intact = [s for s in reversed(steps)
+              if s != step and self._intact(s, abstract_state)]
+    pick = (f'intact: {", ".join(map(str, intact))}; pick one with '
+            f'{step_flag}={intact[0]}' if intact else
+            'no other step is intact: train again')
+    raise DamagedCheckpoint(f'checkpoint {step} in {self.directory} is {why}; '
+                            f'{pick}')
+
+  def _intact(self, step: int, abstract_state: Any) -> bool:
+    """Whether `step` restores and matches its checksums (slow: reads it)."""
+    return self._read_state(step, abstract_state)[1] is None
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames unreadable steps, so the resumed run can write them again.
@@ -387,7 +533,7 @@ def load_weights(init_from: str, config: ml_collections.ConfigDict,
                  ) -> tuple[Any, Any, int]:
   """(params, batch_stats, step) of `config.init_from`'s checkpoint.
 
-  A workdir gives its best checkpoint by validation CIDEr-D, or its latest
+  A workdir gives its best checkpoint by train.best_metric, or its latest
   when none has metrics. Only the model is read: the optimizer state of
   that run (which may have another optimizer) is not.
   """
@@ -407,20 +553,35 @@ def load_weights(init_from: str, config: ml_collections.ConfigDict,
                       ignore=_PARAMETER_FREE)
     target = {'params': abstract_state.params,
               'batch_stats': abstract_state.batch_stats}
-    restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            target, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(
-                target))))['state']
+    try:
+      restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              target, partial_restore=True,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(
+                  target))))['state']
+      why = _verify(_read_checksums(checkpoints.manager, step), restored,
+                    step)
+      why = why and f'damaged: {why}'
+    except Exception as e:  # pylint: disable=broad-except
+      why = f'unreadable ({_first_line(e)})'
+    if why:
+      raise DamagedCheckpoint(
+          f'--config.init_from={init_from}: checkpoint {step} in '
+          f'{directory} is {why}; start from another of its steps '
+          f'({", ".join(str(s) for s in steps if s != step) or "none"}) with '
+          f'--config.init_from={directory}/STEP')
   finally:
     checkpoints.close()
   logging.info('Initialised from step %d of %s.', step, directory)
   return restored['params'], restored['batch_stats'], step
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: Exception, limit: int = 200) -> str:
+  """The error's first line, cut to `limit` characters: tensorstore's
+  carry whole specs."""
   text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
+  line = text.splitlines()[0] if text else type(error).__name__
+  return line if len(line) <= limit else line[:limit - 3] + '...'
 
 
 def _not_a_reported_full_disk(record: python_logging.LogRecord) -> bool:
@@ -453,9 +614,13 @@ def _late_tensorstore_callback(unraisable) -> bool:
   return False
 
 
-def _quiet_reported_failures() -> None:
+def quiet_reported_failures() -> None:
   """Keeps off stderr what orbax and tensorstore print about failures that
-  `Checkpoints` reports (or recovers from) itself, and nothing else."""
+  `Checkpoints` reports (or recovers from) itself, and nothing else.
+
+  Process-wide (logging filters, `sys.unraisablehook`): the entry points
+  install it, once (a second call changes nothing).
+  """
   for name in ('absl', 'asyncio'):  # orbax's logger, and asyncio's.
     python_logging.getLogger(name).addFilter(_not_a_reported_full_disk)
   previous = sys.unraisablehook

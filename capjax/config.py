@@ -11,6 +11,12 @@ from capjax.errors import UserError
 
 
 EVALUATOR_TYPES = ('validation', 'decode_split')
+# What a `validation` evaluator NAME logs, each as NAME_<metric>, and
+# whether a higher value is better.
+VALIDATION_METRICS = {
+    'loss': False, 'cross_entropy': False, 'token_accuracy': True,
+    'BLEU-1': True, 'BLEU-2': True, 'BLEU-3': True, 'BLEU-4': True,
+    'ROUGE-L': True, 'CIDEr': True}
 
 
 def validation(split: str = 'validation') -> ml_collections.ConfigDict:
@@ -162,7 +168,12 @@ def defaults() -> ml_collections.ConfigDict:
   t.allow_random_frozen_encoder = False
   t.log_every_steps = 50  # Train metrics are fetched from the device this often.
   t.checkpoint_every_steps = 1_000
-  t.keep_checkpoints = 3  # The latest N, plus the best by validation.
+  t.keep_checkpoints = 3  # The latest N, plus the best by best_metric.
+  # The checkpoint kept as the best (beside the latest N; what init_from=
+  # WORKDIR starts from): <evaluator>_<metric> of a `validation` evaluator
+  # (VALIDATION_METRICS; loss and cross_entropy count lower as better, the
+  # rest higher). Steps that evaluator did not run on are never the best.
+  t.best_metric = 'val_CIDEr'
   t.profile = False  # Capture a JAX profile of a few steps early on.
   # Resume a checkpoint written by another number of processes: model and
   # optimizer are restored, the data order starts afresh (a checkpoint's data
@@ -275,10 +286,36 @@ def check(config: ml_collections.ConfigDict) -> None:
                     f'{config.model.decoder.dropout} must be in [0, 1)')
   for name, entry in config.evals.items():
     _check_evaluator(f'evals.{name}', entry)
+  best_metric(config)
   _check_features(config)
   if config.decode.meteor not in METEOR_MODES:
     raise UserError(f'unknown --config.decode.meteor={config.decode.meteor!r}'
                     f'; choose one of {", ".join(METEOR_MODES)}')
+
+
+def validation_metrics(config: ml_collections.ConfigDict) -> list[str]:
+  """The metrics the training job's validation logs at every evaluation,
+  as the loop returns them: <evaluator>_<metric>."""
+  return [f'{name}_{metric}' for name, e in config.evals.items()
+          if e.type == 'validation' and e.every_steps > 0
+          for metric in VALIDATION_METRICS]
+
+
+def best_metric(config: ml_collections.ConfigDict) -> tuple[str, bool]:
+  """(train.best_metric, whether higher is better); a one-line UserError if
+  no validation evaluator of the config can log it."""
+  name = config.train.best_metric
+  evaluator, _, metric = name.rpartition('_')
+  entry = config.evals.get(evaluator)
+  if (entry is None or entry.get('type') != 'validation' or
+      metric not in VALIDATION_METRICS):
+    choices = [f'{n}_{m}' for n, e in config.evals.items()
+               if e.type == 'validation' for m in VALIDATION_METRICS]
+    raise UserError(
+        f'--config.train.best_metric={name!r} is not a metric of a '
+        f'validation evaluator in config.evals; choose one of '
+        f'{", ".join(choices) or "none (add a validation evaluator)"}')
+  return name, VALIDATION_METRICS[metric]
 
 
 def _check_features(config: ml_collections.ConfigDict) -> None:

@@ -70,7 +70,8 @@ class _Job:
   def done(self, step: int) -> bool:
     """Whether `step` has been decoded and scored already."""
     return os.path.exists(workdir_lib.decode_metrics_path(
-        self.workdir, self.config.decode.split, step))
+        self.workdir, self.config.decode.split, step,
+        evaluators_common.SearchOptions.of(self.config.decode).tag()))
 
   def close(self):
     self.checkpoints.close()
@@ -116,6 +117,10 @@ def evaluate_continuously(config: ml_collections.ConfigDict,
           except FileNotFoundError:  # Deleted by the trainer's policy.
             logging.warning('Checkpoint %d went away; waiting for the next.',
                             latest)
+          except checkpoint_lib.DamagedCheckpoint as e:
+            # The trainer goes on writing steps: wait for an intact one.
+            logging.warning('%s; waiting for the next.',
+                            str(e).split('; ', 1)[0])
         if latest >= config.train.num_steps:
           logging.info('Decoded the last step (%d); done.', latest)
           return

@@ -136,8 +136,9 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
   vocab = workdir_lib.load_vocab(workdir)
   model = models.build_captioner(config.model, len(vocab),
                                  config.data.normalization)
+  # A damaged step's error names the caption CLI's option for another.
   state, step = workdir_lib.restore_trained(workdir, config, vocab, model,
-                                            step=step)
+                                            step=step, step_flag='--step')
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   return Trained(config, vocab, variables, step)
 

@@ -47,11 +47,13 @@ def run(config, workdir: str, mode: str) -> None:
   # TFDS, grain and the rest takes (2-core CPU).
   # pylint: disable=g-import-not-at-top
   from capjax import cache_features
+  from capjax import checkpoint
   from capjax import evaluate
   from capjax import pretrained
   from capjax import train
   from capjax.data import prepare
   # pylint: enable=g-import-not-at-top
+  checkpoint.quiet_reported_failures()
   if mode == 'prepare':
     prepare.prepare(config, workdir, force=True)
     # The encoder's weights too, so that training needs no internet.

@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 
 from capjax import cache_features
-from capjax import checkpoint as checkpoint_lib
 from capjax import evaluators
 from capjax import optimizer
 from capjax import preemption as preemption_lib
@@ -161,9 +160,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for evaluator in due:
           eval_metrics |= evaluator.run(state, step, writer)
         if save:
-          # The best checkpoint is chosen by validation's metric only.
-          best_by = (eval_metrics
-                     if checkpoint_lib.BEST_METRIC[0] in eval_metrics else None)
+          # Only a step whose evaluation logged train.best_metric can be the
+          # best checkpoint.
+          best_by = (eval_metrics if t.best_metric in eval_metrics else None)
           checkpoints.save(step, par.get_state(state), train_iter, meta,
                            best_by)
         if save or due:

@@ -69,14 +69,22 @@ def decode_dir(workdir: str) -> str:
   return os.path.join(workdir, DECODE)
 
 
-def decode_results_path(workdir: str, split: str, step: int) -> str:
-  """The captions of `split` at `step`, in the COCO results format."""
-  return os.path.join(decode_dir(workdir), f'{split}_step{step}.json')
+def decode_results_path(workdir: str, split: str, step: int,
+                        search: str) -> str:
+  """The captions of `split` at `step`, in the COCO results format.
+
+  `search` names the settings that change the captions (`SearchOptions.tag`,
+  e.g. 'beam3'): results of other settings never replace each other.
+  """
+  return os.path.join(decode_dir(workdir),
+                      f'{split}_step{step}_{search}.json')
 
 
-def decode_metrics_path(workdir: str, split: str, step: int) -> str:
+def decode_metrics_path(workdir: str, split: str, step: int,
+                        search: str) -> str:
   """The metrics of those captions; its existence marks the step decoded."""
-  return os.path.join(decode_dir(workdir), f'{split}_step{step}_metrics.json')
+  return os.path.join(decode_dir(workdir),
+                      f'{split}_step{step}_{search}_metrics.json')
 
 
 # ----------------------------------------------------------------------------
@@ -140,13 +148,16 @@ def load_vocab(workdir: str) -> vocab_lib.Vocab:
 def restore_trained(workdir: str, config: ml_collections.ConfigDict,
                     vocab: vocab_lib.Vocab, model: nn.Module,
                     sharding: jax.sharding.Sharding | None = None,
-                    step: int | None = None
+                    step: int | None = None,
+                    step_flag: str = '--config.decode.checkpoint_step'
                     ) -> tuple[state_lib.TrainState, int]:
   """(state, step) of the workdir's checkpoint `step`, or of its latest.
 
   Only the state is read (the data position belongs to training), placed by
   `sharding`: by default on the first local device. A checkpoint of another
-  model or vocabulary than `config.model` and `vocab` is an error.
+  model or vocabulary than `config.model` and `vocab` is an error; a damaged
+  one a `checkpoint.DamagedCheckpoint` naming `step_flag`, the caller's
+  option that picks another step.
   """
   _check_exists(workdir)
   directory = checkpoints_dir(workdir)
@@ -158,7 +169,7 @@ def restore_trained(workdir: str, config: ml_collections.ConfigDict,
   try:
     return checkpoints.restore_state(
         state_lib.abstract(config, model, sharding),
-        checkpoint_lib.meta(config, vocab), step)
+        checkpoint_lib.meta(config, vocab), step, step_flag)
   finally:
     checkpoints.close()
 

@@ -232,7 +232,7 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   # The decode job: the captions of the images, from the cache.
   config.decode.meteor = 'none'
   from_cache = evaluate.decode_checkpoint(config, workdir)
-  with open(os.path.join(workdir, 'decode', 'test_step6.json')) as f:
+  with open(os.path.join(workdir, 'decode', 'test_step6_beam3.json')) as f:
     captions_from_cache = f.read()
   # The sidecar, on another split: from the cache, and done at the last step.
   sidecar = config.copy_and_resolve_references()
@@ -240,10 +240,10 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   sidecar.decode.poll_seconds = sidecar.decode.timeout_seconds = 0
   evaluate.evaluate_continuously(sidecar, workdir)
   assert os.path.exists(os.path.join(workdir, 'decode',
-                                     'validation_step6_metrics.json'))
+                                     'validation_step6_beam3_metrics.json'))
   config.data.features.use = False
   from_images = evaluate.decode_checkpoint(config, workdir)
-  with open(os.path.join(workdir, 'decode', 'test_step6.json')) as f:
+  with open(os.path.join(workdir, 'decode', 'test_step6_beam3.json')) as f:
     assert f.read() == captions_from_cache
   assert from_cache == pytest.approx(from_images)
 

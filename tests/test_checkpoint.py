@@ -4,6 +4,7 @@ a save or a restore goes wrong, and what each job imports."""
 import errno
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import types
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from capjax import checkpoint
@@ -169,6 +171,7 @@ def _disk_full_scenario(root):
   Prints, as JSON, the error that reached the caller, and what a new
   `Checkpoints` restores once space is freed.
   """
+  checkpoint.quiet_reported_failures()  # As the entry points do.
   directory = os.path.join(root, 'checkpoints')
   state = {'params': {'w': np.random.default_rng(0).random(_SHAPE,
                                                             np.float32)}}
@@ -287,6 +290,7 @@ _RESTORE = '''
 import sys
 from capjax import checkpoint
 import test_checkpoint as t
+checkpoint.quiet_reported_failures()  # As the entry points do.
 ckpt = checkpoint.Checkpoints(sys.argv[1], t._config())
 iterator = t._iterator()
 state, step = ckpt.restore(t._abstract(t._state(0, leaves=40)), t._meta())
@@ -345,6 +349,145 @@ def test_another_models_checkpoint_is_named_by_each_reader(tmp_path):
                                 state['batch_stats']['mean'])
 
 
+def test_the_best_step_by_a_lower_is_better_metric_is_kept(tmp_path):
+  config = _config()
+  config.train.keep_checkpoints = 1
+  config.train.best_metric = 'val_loss'
+  ckpt = checkpoint.Checkpoints(str(tmp_path), config)
+  iterator = _iterator()
+  for step, loss in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0)):
+    ckpt.save(step, _state(step), iterator, _meta(),
+              {'val_loss': loss, 'val_CIDEr': 10.0 - step})
+    ckpt.wait()
+  ckpt.close()
+  assert sorted(int(s) for s in os.listdir(tmp_path)) == [2, 4]
+
+
+# ------------------------------------------------ bytes changed on the disk
+
+def _save_random(directory, steps):
+  """Steps whose one big leaf is random floats (stored uncompressed)."""
+  ckpt = checkpoint.Checkpoints(str(directory), _config())
+  iterator = _iterator()
+  states = {}
+  for step in steps:
+    next(iterator)
+    rng = np.random.default_rng(step)
+    states[step] = {
+        'params': {'w0': rng.standard_normal((256, 256)).astype(np.float32)},
+        'batch_stats': {'mean': np.full((2,), step, np.float32)},
+        'step': np.int32(step)}
+    ckpt.save(step, states[step], iterator, _meta())
+  ckpt.close()
+  return states
+
+
+def change_bytes(step_dir) -> None:
+  """Inverts 8 bytes in the middle of a checkpoint step's largest array
+  file, keeping its size: what a flaky disk or a bad copy does."""
+  path = max((p for p in pathlib.Path(step_dir, 'state').rglob('*')
+              if p.is_file() and p.parent.name == 'd'),
+             key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 8] = bytes(255 - b for b in data[middle:middle + 8])
+  path.write_bytes(bytes(data))
+
+
+def test_changed_bytes_are_caught_by_every_restore(tmp_path, caplog):
+  directory = tmp_path / 'checkpoints'
+  states = _save_random(directory, [1, 2])
+  change_bytes(directory / '2')
+  abstract = _abstract(states[2])
+  where = re.escape(str(directory))
+  # The fault is real: orbax alone restores other values without a word.
+  with ocp.CheckpointManager(str(directory)) as manager:
+    silent = manager.restore(2, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))['state']
+  assert not np.array_equal(silent['params']['w0'], states[2]['params']['w0'])
+
+  # Jobs that only read: one line, naming the damaged step and the intact.
+  ckpt = checkpoint.Checkpoints(str(directory), _config(), create=False)
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=(
+      rf"^checkpoint 2 in {where} is damaged: 1 array differs from the "
+      r"checksum saved with it \(\['params'\]\['w0'\]\); intact: 1; pick "
+      r'one with --step=1$')):
+    ckpt.restore_state(abstract, _meta(), step_flag='--step')
+  state, step = ckpt.restore_state(abstract, _meta(), step=1)
+  assert step == 1
+  np.testing.assert_array_equal(state['params']['w0'],
+                                states[1]['params']['w0'])
+  ckpt.close()
+  # init_from reads params and batch_stats only, and checks them too.
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=(
+      rf'^--config.init_from=.*/2: checkpoint 2 in {where} is damaged: 1 '
+      r"array differs .*; start from another of its steps \(1\)")):
+    checkpoint.load_weights(
+        str(directory / '2'), _config(),
+        types.SimpleNamespace(params=abstract['params'],
+                              batch_stats=abstract['batch_stats']), _meta())
+
+  # Training sets the step aside and resumes from the one before.
+  ckpt = checkpoint.Checkpoints(str(directory), _config())
+  iterator = _iterator()
+  with caplog.at_level('WARNING'):
+    state, step = ckpt.restore(abstract, _meta())
+    ckpt.restore_data(step, iterator)
+  ckpt.close()
+  assert step == 1 and next(iterator) == 1
+  np.testing.assert_array_equal(state['params']['w0'],
+                                states[1]['params']['w0'])
+  assert "Checkpoint 2 is damaged: 1 array differs" in caplog.text
+  assert sorted(os.listdir(directory)) == ['1', 'unreadable-2']
+
+
+def test_a_damaged_step_with_no_intact_one_says_so(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  states = _save_random(directory, [1])
+  # Truncated, as a copy cut short: tensorstore's error, shortened.
+  path = max((directory / '1' / 'state').rglob('d/*'),
+             key=lambda p: p.stat().st_size)
+  path.write_bytes(path.read_bytes()[:1000])
+  ckpt = checkpoint.Checkpoints(str(directory), _config(), create=False)
+  with pytest.raises(checkpoint.DamagedCheckpoint) as raised:
+    ckpt.restore_state(_abstract(states[1]), _meta())
+  ckpt.close()
+  message = str(raised.value)
+  assert '\n' not in message and len(message) < 500, message
+  assert re.match(rf'^checkpoint 1 in {re.escape(str(directory))} is '
+                  r'unreadable \(.+\); no other step is intact: train again$',
+                  message), message
+
+
+def test_a_garbage_data_position_falls_back_to_the_step_before(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  _save(directory, [1, 2])
+  (directory / '2' / 'data' / 'process_0-of-1.json').write_text('{garbage')
+  ckpt = checkpoint.Checkpoints(str(directory), _config())
+  iterator = _iterator()
+  state, step = ckpt.restore(_abstract(_state()), _meta())
+  ckpt.restore_data(step, iterator)
+  ckpt.close()
+  assert (step, float(state['params']['w0'][0]), next(iterator)) == (1, 1, 1)
+  assert sorted(os.listdir(directory)) == ['1', 'unreadable-2']
+
+
+def test_steps_without_checksums_restore_unverified(tmp_path, caplog,
+                                                    monkeypatch):
+  """As an earlier capjax wrote them; one warning, however many restores."""
+  directory = tmp_path / 'checkpoints'
+  _save(directory, [1])
+  shutil.rmtree(directory / '1' / 'checksums')
+  monkeypatch.setattr(checkpoint, '_warned_unverified', False)
+  ckpt = checkpoint.Checkpoints(str(directory), _config(), create=False)
+  with caplog.at_level('WARNING'):
+    for _ in range(2):
+      state, step = ckpt.restore_state(_abstract(_state()), _meta())
+  ckpt.close()
+  assert (step, float(state['params']['w0'][0])) == (1, 1.0)
+  assert caplog.text.count('restore unverified') == 1
+
+
 # ----------------------------------------------------------------- imports
 
 def test_restoring_a_state_imports_no_input_pipeline(tmp_path):
@@ -362,6 +505,8 @@ ckpt.close()
 print(step, float(state['params']['w0'][0]))
 print(sorted(m for m in ('grain', 'tensorflow_datasets', 'tensorflow')
              if m in sys.modules))
+# Process-wide hooks are the entry points' to install, not a library's.
+print(sys.unraisablehook is sys.__unraisablehook__)
 ''', directory)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.splitlines() == ['2 2.0', '[]']
+  assert proc.stdout.splitlines() == ['2 2.0', '[]', 'True']

@@ -48,3 +48,20 @@ def test_other_ranges():
   config.model.decoder.dropout = 1.0
   with pytest.raises(UserError, match='dropout=1.0 must be in'):
     config_lib.check(config)
+
+
+def test_best_metric_names_a_validation_metric():
+  config = config_lib.defaults()
+  assert config_lib.best_metric(config) == ('val_CIDEr', True)
+  config.train.best_metric = 'val_loss'
+  assert config_lib.best_metric(config) == ('val_loss', False)
+  # Turned off, validation logs nothing: no step is ever the best, as asked.
+  config.evals.val.every_steps = -1
+  config_lib.check(config)
+  for name in ('val_CIDEr-D', 'test_CIDEr', 'CIDEr', ''):
+    config.train.best_metric = name
+    with pytest.raises(UserError, match=(
+        rf"^--config.train.best_metric='{name}' is not a metric of a "
+        r'validation evaluator in config.evals; choose one of val_loss, '
+        r'val_cross_entropy, .*val_CIDEr$')):
+      config_lib.check(config)

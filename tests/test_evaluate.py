@@ -5,6 +5,8 @@ import functools
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from capjax import config as config_lib
 from capjax import decode
 from capjax import evaluate
+from capjax import inference
 from capjax import models
 from capjax import train
 from capjax import workdir as workdir_lib
@@ -23,6 +26,8 @@ from capjax.data import prepare
 from capjax.data import tokenizer
 from capjax.errors import UserError
 from configs import test as test_configs
+from conftest import REPO
+from test_checkpoint import change_bytes
 
 
 def _config(shapes_data_dir):
@@ -65,7 +70,7 @@ def test_decode_covers_the_split_once_and_matches_one_device(
   config.parallel = kind
   config.decode.split = 'test_novel'
   metrics = evaluate.decode_checkpoint(config, copy)
-  results, saved = _results(copy, 'test_novel_step6')
+  results, saved = _results(copy, 'test_novel_step6_beam3')
 
   data = prepare.prepare(config, copy)
   references = datasets.references(data.builder, 'test_novel')
@@ -103,7 +108,7 @@ def test_training_validates_with_cider_and_decodes_after(shapes_data_dir,
   config.decode.beam_size = 2
   train.train_and_evaluate(config, str(tmp_path))
   for split in ('test', 'validation'):
-    _, saved = _results(str(tmp_path), f'{split}_step9')
+    _, saved = _results(str(tmp_path), f'{split}_step9_beam2')
     assert saved['search']['beam_size'] == 2
     assert saved['images'] == 64  # The tiny build's eval splits.
   # The latest checkpoint and the best by validation CIDEr-D are kept.
@@ -129,15 +134,29 @@ def test_evaluate_continuously_decodes_new_checkpoints(shapes_data_dir,
   config.train.num_steps = 6
   evaluate.evaluate_continuously(config, str(copy))
   assert sorted(f for f in os.listdir(copy / 'decode') if 'events' not in f
-                ) == ['validation_step3.json', 'validation_step3_metrics.json']
+                ) == ['validation_step3_beam3.json',
+                      'validation_step3_beam3_metrics.json']
   # Step 6 lands: decoded, and the sidecar stops at the last step without
   # redoing step 3.
-  os.utime(copy / 'decode' / 'validation_step3.json', (0, 0))
+  os.utime(copy / 'decode' / 'validation_step3_beam3.json', (0, 0))
   shutil.move(tmp_path / 'later', copy / 'checkpoints' / '6')
   config.decode.timeout_seconds = 600
   evaluate.evaluate_continuously(config, str(copy))
-  assert (copy / 'decode' / 'validation_step6_metrics.json').exists()
-  assert os.path.getmtime(copy / 'decode' / 'validation_step3.json') == 0
+  assert (copy / 'decode' / 'validation_step6_beam3_metrics.json').exists()
+  assert os.path.getmtime(
+      copy / 'decode' / 'validation_step3_beam3.json') == 0
+  # The decode job at another beam size writes beside them; the same
+  # settings again replace their own files.
+  config.decode.checkpoint_step = 3
+  config.decode.beam_size = 1
+  evaluate.decode_checkpoint(config, str(copy))
+  assert (copy / 'decode' / 'validation_step3_beam1_metrics.json').exists()
+  assert os.path.getmtime(
+      copy / 'decode' / 'validation_step3_beam3.json') == 0
+  config.decode.beam_size = 3
+  evaluate.decode_checkpoint(config, str(copy))
+  assert os.path.getmtime(
+      copy / 'decode' / 'validation_step3_beam3.json') > 0
 
 
 def test_decode_errors(shapes_data_dir, trained, tmp_path):
@@ -153,3 +172,36 @@ def test_decode_errors(shapes_data_dir, trained, tmp_path):
   config.decode.batch_size = 12
   with pytest.raises(UserError, match='not divisible by the 8 devices'):
     evaluate.decode_checkpoint(config, copy)
+
+
+def test_a_damaged_checkpoint_is_one_line_for_every_reader(
+    shapes_data_dir, trained, tmp_path, caplog):
+  """The newest step's bytes changed on disk: the decode job and the
+  captioner name it and the intact step; the sidecar skips it."""
+  copy = tmp_path / 'run'
+  shutil.copytree(trained[0], copy)
+  change_bytes(copy / 'checkpoints' / '6')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capjax.main', '--config=configs/test.py',
+       f'--workdir={copy}', f'--config.data.data_dir={shapes_data_dir}',
+       '--mode=decode'], cwd=REPO, text=True, capture_output=True,
+      timeout=300, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(
+      f'capjax: error: checkpoint 6 in {copy}/checkpoints is damaged: '), last
+  assert last.endswith('; intact: 3; pick one with '
+                       '--config.decode.checkpoint_step=3'), last
+  with pytest.raises(UserError, match=r'is damaged: .*; intact: 3; pick one '
+                     r'with --step=3$'):
+    inference.load_trained(str(copy))
+  assert inference.load_trained(str(copy), step=3).step == 3
+  config = _config(shapes_data_dir)
+  config.decode.split = 'validation'
+  with caplog.at_level('WARNING'):
+    evaluate.evaluate_continuously(config, str(copy))
+  assert 'checkpoint 6 in' in caplog.text and 'waiting for the next' in (
+      caplog.text)
+  assert not os.path.exists(workdir_lib.decode_metrics_path(
+      str(copy), 'validation', 6, 'beam3'))

@@ -40,7 +40,7 @@ def test_main_trains(shapes_data_dir, tmp_path):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   assert out.startswith('test at step 3, beam 3, ')
-  results = json.loads((workdir / 'decode' / 'test_step3.json').read_text())
+  results = json.loads((workdir / 'decode' / 'test_step3_beam3.json').read_text())
   assert len(results) == 64 and set(results[0]) == {'image_id', 'caption'}
 
 

@@ -73,7 +73,7 @@ def _params(workdir, step):
 
 
 def _captions(workdir, step):
-  path = os.path.join(workdir, 'decode', f'test_step{step}.json')
+  path = os.path.join(workdir, 'decode', f'test_step{step}_beam3.json')
   with open(path) as f:
     return {r['image_id']: r['caption'] for r in json.load(f)}
 

@@ -164,7 +164,7 @@ def test_coco_config_trains_on_mock_data(tmp_path):
   assert int(state.step) == 2
   # The config's final test decode ran over the (mock) Karpathy test split.
   results = json.loads(
-      (tmp_path / 'run' / 'decode' / 'test_step2.json').read_text())
+      (tmp_path / 'run' / 'decode' / 'test_step2_beam3.json').read_text())
   assert results and all(set(r) == {'image_id', 'caption'} for r in results)
   # 2 steps are within the COCO config's frozen phase: the encoder holds the
   # file's weights, untouched.

@@ -29,10 +29,10 @@ def test_paths():
   # Absolute, as orbax wants it, wherever the job was started.
   assert workdir.checkpoints_dir(w) == os.path.join(os.getcwd(), w,
                                                     'checkpoints')
-  assert workdir.decode_results_path(w, 'test', 30) == os.path.join(
-      w, 'decode', 'test_step30.json')
-  assert workdir.decode_metrics_path(w, 'test', 30) == os.path.join(
-      w, 'decode', 'test_step30_metrics.json')
+  assert workdir.decode_results_path(w, 'test', 30, 'beam3') == os.path.join(
+      w, 'decode', 'test_step30_beam3.json')
+  assert workdir.decode_metrics_path(w, 'test', 30, 'beam3') == os.path.join(
+      w, 'decode', 'test_step30_beam3_metrics.json')
 
 
 def _as_json(config):

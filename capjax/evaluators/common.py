@@ -30,6 +30,20 @@ class SearchOptions:
     if self.beam_size < 1:
       raise UserError(f'beam_size={self.beam_size} must be >= 1')
 
+  def tag(self) -> str:
+    """The options in a file name: 'beam3', 'beam5-alpha0.6-no3rep-unk'.
+
+    Results of other options go in other files, never over each other.
+    """
+    parts = [f'beam{self.beam_size}']
+    if self.alpha:
+      parts.append(f'alpha{self.alpha:g}')
+    if self.ban_repeated_trigrams:
+      parts.append('no3rep')
+    if not self.ban_unk:
+      parts.append('unk')
+    return '-'.join(parts)
+
   @classmethod
   def of(cls, section: ml_collections.ConfigDict, **changes) -> 'SearchOptions':
     """The options in `config.decode`, with `changes`."""

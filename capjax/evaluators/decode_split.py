@@ -107,13 +107,12 @@ class DecodeSplit:
                                     self._config.decode.meteor)
     os.makedirs(workdir_lib.decode_dir(self._workdir), exist_ok=True)
     files.remove_leftovers(workdir_lib.decode_dir(self._workdir))
-    step = info['step']
+    where = (self._workdir, self.split, info['step'], self.options.tag())
     common.write_json(
-        workdir_lib.decode_results_path(self._workdir, self.split, step),
+        workdir_lib.decode_results_path(*where),
         [{'image_id': i, 'caption': captions[i]} for i in sorted(captions)])
-    common.write_json(
-        workdir_lib.decode_metrics_path(self._workdir, self.split, step),
-        {'metrics': metrics, **info})
+    common.write_json(workdir_lib.decode_metrics_path(*where),
+                      {'metrics': metrics, **info})
     print(table(metrics, info), flush=True)
     return metrics
 

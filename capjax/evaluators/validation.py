@@ -5,8 +5,8 @@ every process runs as many): the teacher-forced loss of the batch's
 captions, and a caption decoded for each image with `beam_size`, scored
 against the image's references with BLEU, ROUGE-L and CIDEr-D (no METEOR:
 its Java start-up would cost more than the rest). The encoder runs once
-per batch for both. `val_CIDEr` picks the best checkpoint
-(`checkpoint.BEST_METRIC`).
+per batch for both. One of them, `train.best_metric` (`val_CIDEr`), picks
+the best checkpoint.
 """
 
 import functools
@@ -16,14 +16,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from capjax import config as config_lib
 from capjax import losses
 from capjax import parallel
 from capjax.data import pipeline
 from capjax.evaluators import common
 
 # What `run` returns and logs, each as <evaluator name>_<metric>.
-METRICS = ('loss', 'cross_entropy', 'token_accuracy', 'BLEU-1', 'BLEU-2',
-           'BLEU-3', 'BLEU-4', 'ROUGE-L', 'CIDEr')
+METRICS = tuple(config_lib.VALIDATION_METRICS)
+
 
 def _validate(state, batch, *, model, config, options):
   """Per device: the loss sums of `batch` and its decoded captions."""

@@ -26,7 +26,6 @@ from optuna import distributions
 
 from capjax import config as config_lib
 from capjax.errors import UserError
-from capjax.evaluators import validation
 
 Distribution = distributions.BaseDistribution
 
@@ -165,14 +164,6 @@ def grid(sweep: Sweep) -> dict[str, list]:
   return out
 
 
-def metric_names(config: ml_collections.ConfigDict) -> list[str]:
-  """The metrics the training job's validation logs at every evaluation,
-  as the loop returns them: <evaluator>_<metric>."""
-  return [f'{name}_{metric}' for name, e in config.evals.items()
-          if e.type == 'validation' and e.every_steps > 0
-          for metric in validation.METRICS]
-
-
 def _set(config: ml_collections.ConfigDict, name: str, value) -> None:
   *parents, last = name.split('.')
   node = config
@@ -245,7 +236,7 @@ def check(sweep: Sweep, config: ml_collections.ConfigDict
         config_lib.check(apply(base, {name: value}))
       except UserError as e:
         raise UserError(f'space[{name!r}] reaches {value!r}: {e}') from None
-  logged = metric_names(base)
+  logged = config_lib.validation_metrics(base)
   if sweep.metric not in logged:
     raise UserError(
         f'the sweep optimises {sweep.metric!r}, which training does not log'
