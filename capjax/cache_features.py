@@ -110,6 +110,11 @@ def _build(config, data, model, state, par, cache, names, force) -> None:
   if not todo:
     return
   if not (force or d.prepare):
+    if damage := common.on_chief(lambda: cache.damaged(todo)):
+      raise UserError(
+          f'the feature cache is damaged: {damage}. Make it again with '
+          '--mode=cache_features (or set --config.data.prepare=True to make '
+          'it now)')
     others = cache.others()
     raise UserError(
         f'no features of {", ".join(todo)} for this encoder in '

@@ -127,7 +127,15 @@ class Cache:
     """The shards `write` would make (of a split that is not complete)."""
     return records.missing_shards(self.folder, split,
                                   datasets.num_examples(self.builder, split),
-                                  SHARD_SIZE)
+                                  SHARD_SIZE, self.header(split))
+
+  def damaged(self, splits: Sequence[str]) -> str | None:
+    """What is wrong with the first complete split of `splits` whose
+    shards are not as written, naming the shard; None if there is none."""
+    for split in dict.fromkeys(splits):
+      if damage := records.damaged(self.folder, split, self.header(split)):
+        return damage
+    return None
 
   def shard_indices(self, split: str, shard: int) -> range:
     return records.shard_indices(datasets.num_examples(self.builder, split),
@@ -147,5 +155,7 @@ class Cache:
       raise FileNotFoundError(f'{self.folder}: no complete features of '
                               f'{absent}')
     d = self.description
-    return records.SpecSource(self.folder, spec, infos,
-                              _Decode(tuple(d['shape']), d['dtype']))
+    return records.SpecSource(
+        self.folder, spec, infos, _Decode(tuple(d['shape']), d['dtype']),
+        remake='the next run with --config.data.prepare=True (or '
+        '--mode=cache_features)')

@@ -42,6 +42,12 @@ class Data:
     if self.features:
       datasets.check_split(self.builder, split)
       absent = self.features.missing(datasets.split_names(split))
+      if damage := absent and self.features.damaged(absent):
+        raise UserError(
+            f'the feature cache {self.features.folder} has no features of '
+            f'{", ".join(absent)} that read as written: {damage}. Make them '
+            'again with --mode=cache_features (or set '
+            '--config.data.prepare=True to make them when needed)')
       if absent:
         raise UserError(
             f'the feature cache {self.features.folder} has no features of '
@@ -55,6 +61,11 @@ class Data:
     names = datasets.split_names(split)
     if resized.missing(self.builder, names, d.image_size):
       if not d.prepare:
+        if damage := resized.damaged(self.builder, names, d.image_size):
+          raise UserError(
+              f'the copy of {d.name} at {d.image_size} px is damaged: '
+              f'{damage}. Make it again with --mode=prepare (or set '
+              '--config.data.prepare=True to make it now)')
         raise UserError(
             f'{d.name} has no copy of {split} at {d.image_size} px in '
             f'{resized.directory(self.builder, d.image_size)}: make it once '

@@ -15,6 +15,21 @@ cache (`capjax.data.feature_cache`).
 Why not `tfds.core.DatasetBuilder`: a builder's splits are made in one
 `download_and_prepare`, without resuming a half-written split, and its
 version, not a header of our choosing, says what it holds.
+
+A shard whose bytes change after it is written (same size: a write into it,
+a bad copy, a failing disk) fails riegeli's hash check only when a damaged
+record is read, as a long traceback that does not name the file. Reading
+every shard through at every open would find it first, but costs (measured
+at 1 to 2 GB/s from the page cache on one CPU core) 3 to 6 s for COCO's copy
+at 224 px (6.3 GB) and 12 to 25 s for its 7x7 feature cache (25 GB), per
+job, and minutes from a cold disk. So the `.json` also records each shard's
+modification time, and opening a split stats its shards (about a
+microsecond each): only a shard whose time changed is read through, so
+that a damaged one is named before the job starts and, where the job may
+prepare data, made again alone. A shard that reads back intact (a copy that
+did not keep the times) gets its recorded time back, to be read through
+once, not by every job. A change that keeps the time is caught where the
+record is read (`SpecSource`), as one `UserError` naming the shard.
 """
 
 import bisect
@@ -32,17 +47,87 @@ import grain
 import tensorflow_datasets as tfds
 
 from capjax import files
+from capjax.errors import UserError
 
 
 def shard_path(folder: str, split: str, index: int) -> str:
   return os.path.join(folder, f'{split}-{index:05d}.array_record')
 
 
-def _size(path: str) -> int | None:
+# Records read at a time when a shard is read through: a few MB.
+_CHECK_BATCH = 64
+
+# (path, size, mtime_ns) -> what reading it through found ('' if nothing):
+# a split's shards are looked at by several calls of one job.
+_checked: dict[tuple[str, int, int], str] = {}
+_warned: set[str] = set()
+
+
+def _one_line(error: BaseException) -> str:
+  return ' '.join(str(error).split()) or type(error).__name__
+
+
+def _read_through(path: str, stat: os.stat_result) -> str:
+  """'' if every record of the shard reads back, else what is wrong.
+
+  Riegeli checks the hash of every chunk it reads, so a record that reads
+  back is the record written.
+  """
+  key = (path, stat.st_size, stat.st_mtime_ns)
+  if key not in _checked:
+    try:
+      reader = array_record_module.ArrayRecordReader(
+          path, 'readahead_buffer_size:0')
+      try:
+        n = reader.num_records()
+        for start in range(0, n, _CHECK_BATCH):
+          reader.read(list(range(start, min(start + _CHECK_BATCH, n))))
+      finally:
+        reader.close()
+    except (RuntimeError, ValueError, OSError) as e:
+      _checked[key] = _one_line(e)
+    else:
+      _checked[key] = ''
+  return _checked[key]
+
+
+def _damage(folder: str, split: str, info: Mapping[str, Any]) -> dict[int, str]:
+  """Shard -> what is wrong with it, for the shards of the split `info`
+  describes that are not as written: missing, of another size, or changed
+  since (by their time) and not reading back."""
+  damage = {}
+  mtimes = info.get('shard_mtimes')  # None in a .json of an older capjax.
+  for i, size in enumerate(info['shard_bytes']):
+    path = shard_path(folder, split, i)
+    try:
+      stat = os.stat(path)
+    except OSError:
+      damage[i] = 'is missing'
+      continue
+    if stat.st_size != size:
+      damage[i] = f'is {stat.st_size} bytes, not the {size} written'
+    elif mtimes and stat.st_mtime_ns != mtimes[i]:
+      if problem := _read_through(path, stat):
+        damage[i] = f'changed after it was written ({problem})'
+      else:
+        # Owned by another user, or a read-only data dir: then it is read
+        # through by every job.
+        with contextlib.suppress(OSError):
+          os.utime(path, ns=(stat.st_atime_ns, mtimes[i]))
+  return damage
+
+
+def _complete(folder: str, split: str,
+              header: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The `.json` of `split` if it is there, made as `header` says."""
   try:
-    return os.path.getsize(path)
-  except OSError:
+    with open(os.path.join(folder, f'{split}.json')) as f:
+      info = json.load(f)
+  except (OSError, ValueError):
     return None
+  if {k: info.get(k) for k in header} != dict(header):
+    return None
+  return info
 
 
 def shard_indices(num_examples: int, shard_size: int,
@@ -52,37 +137,69 @@ def shard_indices(num_examples: int, shard_size: int,
                                        num_examples))
 
 
+def _remake(folder: str, split: str, header: Mapping[str, Any],
+            shard_size: int) -> list[int] | None:
+  """The damaged shards of a complete split made as `header` says, in
+  shards of `shard_size`; None where there is no such split."""
+  info = _complete(folder, split, header)
+  if info is None or info.get('shard_size') != shard_size:
+    return None
+  return sorted(_damage(folder, split, info))
+
+
 def missing_shards(folder: str, split: str, num_examples: int,
-                   shard_size: int) -> list[int]:
-  """The shards of `split` not written yet (all, for a complete split that
-  `write_split` would make again)."""
+                   shard_size: int, header: Mapping[str, Any]) -> list[int]:
+  """The shards of `split` that `write_split` would write: those not written
+  yet, or the damaged ones of a complete split (all, for one made otherwise
+  or by an older capjax)."""
   num_shards = -(-num_examples // shard_size)
   if os.path.exists(os.path.join(folder, f'{split}.json')):
-    return list(range(num_shards))
+    remake = _remake(folder, split, header, shard_size)
+    return list(range(num_shards)) if remake is None else remake
   return [i for i in range(num_shards)
           if not os.path.exists(shard_path(folder, split, i))]
 
 
 def read_info(folder: str, split: str,
               header: Mapping[str, Any]) -> dict[str, Any] | None:
-  """The `.json` of a complete `split` made as `header` says, else None."""
-  path = os.path.join(folder, f'{split}.json')
-  try:
-    with open(path) as f:
-      info = json.load(f)
-  except (OSError, ValueError):
+  """The `.json` of a complete `split` made as `header` says whose shards
+  are as written, else None."""
+  info = _complete(folder, split, header)
+  if info is None:
+    path = os.path.join(folder, f'{split}.json')
+    if os.path.exists(path):
+      logging.warning('%s was made from other data or in another format; the '
+                      'split will be made again.', path)
     return None
-  if {k: info.get(k) for k in header} != dict(header):
-    logging.warning('%s was made from other data or in another format; the '
-                    'split will be made again.', path)
-    return None
-  sizes = [_size(shard_path(folder, split, i))
-           for i in range(len(info.get('shard_bytes', [])))]
-  if not sizes or sizes != info['shard_bytes']:
-    logging.warning('%s: shards of %s are missing or damaged; the split will '
-                    'be made again.', folder, split)
+  if not info.get('shard_bytes') or _describe(folder, split, info):
     return None
   return info
+
+
+def damaged(folder: str, split: str, header: Mapping[str, Any]) -> str | None:
+  """What is wrong with a complete `split` made as `header` says, naming
+  its first damaged shard; None where it is intact or not complete.
+
+  E.g. '.../train-00003.array_record changed after it was written (Corrupted
+  Riegeli/records file: ...)'.
+  """
+  info = _complete(folder, split, header)
+  return None if info is None else _describe(folder, split, info)
+
+
+def _describe(folder: str, split: str,
+              info: Mapping[str, Any]) -> str | None:
+  """`damaged` of the split `info` describes; logged once per process."""
+  if not (damage := _damage(folder, split, info)):
+    return None
+  shard, problem = min(damage.items())
+  more = (f' (and {len(damage) - 1} more of its shards)'
+          if len(damage) > 1 else '')
+  message = f'{shard_path(folder, split, shard)} {problem}{more}'
+  if message not in _warned:  # A job looks at a split several times.
+    _warned.add(message)
+    logging.warning('%s.', message)
+  return message
 
 
 class Progress:
@@ -120,8 +237,17 @@ def write_split(folder: str, split: str, header: Mapping[str, Any],
     os.makedirs(folder, exist_ok=True)
     # The shard a killed build was writing.
     files.remove_leftovers(folder)
+    # Complete once, as `header` says, with damaged shards: only those are
+    # made again. The `.json` goes after them, so that a build killed here
+    # does not leave a damaged shard in what the next one resumes.
+    if (remake := _remake(folder, split, header, shard_size)) is not None:
+      for shard in remake:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(shard_path(folder, split, shard))
+      os.remove(os.path.join(folder, f'{split}.json'))
     if os.path.exists(os.path.join(folder, f'{split}.json')):
-      # Complete once but now damaged or stale: its shards are not reused.
+      # Complete once but made otherwise, in shards of another size, or by
+      # an older capjax (which did not record it): no shard is reused.
       # (Temporary files are another writer's, or `remove_leftovers`'.)
       for name in os.listdir(folder):
         if ((name.startswith(f'{split}-') or name == f'{split}.json')
@@ -147,10 +273,11 @@ def write_split(folder: str, split: str, header: Mapping[str, Any],
       writer.close()
     if progress:
       progress.wrote(split, shard, num_shards, len(indices))
-  shard_bytes = [os.path.getsize(shard_path(folder, split, i))
-                 for i in range(num_shards)]
-  info = dict(header, shards=num_shards, shard_bytes=shard_bytes,
-              bytes=sum(shard_bytes))
+  stats = [os.stat(shard_path(folder, split, i)) for i in range(num_shards)]
+  shard_bytes = [stat.st_size for stat in stats]
+  info = dict(header, shards=num_shards, shard_size=shard_size,
+              shard_bytes=shard_bytes, bytes=sum(shard_bytes),
+              shard_mtimes=[stat.st_mtime_ns for stat in stats])
   files.write_text(os.path.join(folder, f'{split}.json'),
                    json.dumps(info, indent=1))
   logging.info('%s: %s done, %d examples, %.3f GB (%.1f KB each).', folder,
@@ -163,17 +290,24 @@ class SpecSource(Sequence):
   """Random access to a TFDS split spec ('train+restval', 'train[:10%]')
   of a store, in TFDS's order: `source[i]` is `decode(record bytes)`.
 
-  Picklable (with a picklable `decode`), for grain's worker processes.
+  Picklable (with a picklable `decode`), for grain's worker processes. A
+  shard that cannot be read is a `UserError` naming it, where `remake` says
+  how to make it again ('--mode=prepare').
   """
 
   def __init__(self, folder: str, spec: str,
                infos: Mapping[str, Mapping[str, Any]],
-               decode: Callable[[bytes], Any]):
+               decode: Callable[[bytes], Any], remake: str):
     self._decode = decode
-    self._sources = {
-        n: grain.sources.ArrayRecordDataSource(
-            [shard_path(folder, n, i) for i in range(info['shards'])])
-        for n, info in infos.items()}
+    self._remake = remake
+    self._paths = {n: [shard_path(folder, n, i) for i in range(info['shards'])]
+                   for n, info in infos.items()}
+    self._sources = {}
+    for n, paths in self._paths.items():
+      try:  # Reads the index at the end of every shard.
+        self._sources[n] = grain.sources.ArrayRecordDataSource(paths)
+      except (RuntimeError, ValueError, OSError) as e:
+        raise self._damaged(n, None, e) from None
     # TFDS's own arithmetic for the spec.
     sizes = {n: types.SimpleNamespace(num_examples=info['num_examples'],
                                       shard_lengths=[info['num_examples']])
@@ -197,5 +331,30 @@ class SpecSource(Sequence):
       raise IndexError(index)
     which = bisect.bisect_right(self._starts, index) - 1
     split, first = self._ranges[which]
-    return self._decode(
-        self._sources[split][first + index - self._starts[which]])
+    index = first + index - self._starts[which]
+    try:
+      record = self._sources[split][index]
+    except (RuntimeError, OSError) as e:  # riegeli's are RuntimeErrors.
+      raise self._damaged(split, index, e) from None
+    return self._decode(record)
+
+  def _damaged(self, split: str, index: int | None,
+               error: Exception) -> UserError:
+    """The error for record `index` of `split` (None: opening it)."""
+    path = self._paths[split][-1]
+    for shard in self._paths[split]:
+      try:  # Cheap: the index at the end of the file.
+        reader = array_record_module.ArrayRecordReader(shard)
+        records = reader.num_records()
+        reader.close()
+      except (RuntimeError, ValueError, OSError):
+        path = shard
+        break
+      if index is not None and index < records:
+        path = shard
+        break
+      if index is not None:
+        index -= records
+    return UserError(
+        f'{path} is damaged ({_one_line(error)}): its bytes changed after '
+        f'it was written. Delete it; {self._remake} makes it again')

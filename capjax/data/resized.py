@@ -107,6 +107,18 @@ def build(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
   return folder
 
 
+def damaged(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
+            image_size: int) -> str | None:
+  """What is wrong with the first complete copy of `splits` whose shards
+  are not as written, naming the shard; None if there is none."""
+  folder = directory(builder, image_size)
+  for split in dict.fromkeys(splits):
+    if damage := records.damaged(folder, split,
+                                 _header(builder, split, image_size)):
+      return damage
+  return None
+
+
 def size_on_disk(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
                  image_size: int) -> int:
   """Bytes of the complete copies of `splits`, as their records say."""
@@ -138,4 +150,5 @@ def source(builder: tfds.core.DatasetBuilder, split: str,
     raise FileNotFoundError(f'{folder}: no complete copy of {absent}')
   return records.SpecSource(
       folder, split, {n: _info(builder, n, image_size) for n in names},
-      _decode_record)
+      _decode_record, remake='the next run with --config.data.prepare=True '
+      '(or --mode=prepare)')
