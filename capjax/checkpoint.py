@@ -13,8 +13,7 @@ one line (`UserError`) naming the step to resume from; the steps before it
 stay as they are.
 
 Every byte restored is verified: a fourth item, `checksums`, holds a
-checksum of every array of the state (`capjax.checksums`, computed on
-device, written by orbax's background write), and every
+checksum of every array of the state (`capjax.checksums`), and every
 restore (training's resume, `init_from`, the decode jobs, captioning)
 compares the restored arrays with it. A step whose arrays differ is
 damaged: training sets it aside and resumes from the newest intact one; a
@@ -24,7 +23,6 @@ checksum restore as they did, with one warning.
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging as python_logging
@@ -139,60 +137,29 @@ def _check_same_model(saved: dict[str, Any], meta_data: dict[str, Any],
                     f'({"; ".join(differences[:5])}); {fix}')
 
 
-def _start_checksums(state: Any) -> checksums.Pending:
+def _checksums(state: Any) -> dict[str, str]:
   """Checksums of a state (a TrainState or a dict of its fields), keyed by
   the same paths whichever form it has, so that the partial restore of
   `load_weights` compares its leaves with the whole state's."""
-  return checksums.start(serialization.to_state_dict(state))
+  return checksums.tree(serialization.to_state_dict(state))
 
 
-class _ChecksumsHandler(ocp.AsyncCheckpointHandler):
-  """The `checksums` item of a step: its state's checksums, as JSON.
-
-  orbax's own handlers cannot save a value the device is still computing;
-  this one waits for it in orbax's background write, beside the arrays'
-  own, so the training loop never waits for the checksums. Process 0
-  writes; the step is complete (and renamed into place) only once it has.
-  """
-
-  FILENAME = 'checksums.json'
-
-  async def async_save(self, directory, args: '_ChecksumsSave'):
-    async def write():
-      if jax.process_index() == 0:
-        (directory / self.FILENAME).write_text(
-            json.dumps(args.pending.result()))
-    return [ocp.future.CommitFutureAwaitingContractedSignals(
-        write(), name='capjax_checksums')]
-
-  def save(self, directory, args: '_ChecksumsSave'):
-    (directory / self.FILENAME).write_text(json.dumps(args.pending.result()))
-
-  def restore(self, directory, args=None) -> dict[str, str]:
-    del args
-    return json.loads((directory / self.FILENAME).read_text())
-
-
-@ocp.args.register_with_handler(_ChecksumsHandler, for_save=True)
-@dataclasses.dataclass
-class _ChecksumsSave(ocp.args.CheckpointArgs):
-  pending: checksums.Pending
-
-
-@ocp.args.register_with_handler(_ChecksumsHandler, for_restore=True)
-@dataclasses.dataclass
-class _ChecksumsRestore(ocp.args.CheckpointArgs):
-  pass
-
-
-def _read_checksums(manager: ocp.CheckpointManager,
-                    step: int) -> dict[str, str] | None:
-  """The checksums saved with `step`; None for a step of a capjax before
-  them."""
-  if not (manager.directory / str(step) / 'checksums').exists():
-    return None
-  return manager.restore(step, args=ocp.args.Composite(
-      checksums=_ChecksumsRestore()))['checksums']
+def _restore_verified(manager: ocp.CheckpointManager, step: int, item: Any,
+                      verify: bool = True) -> tuple[Any, str | None]:
+  """(the state item of `step`, restored with the args `item` and checked
+  against its checksums, None), or (None, why it is unreadable or
+  damaged). State and checksums are read in one restore."""
+  saved = verify and (manager.directory / str(step) / 'checksums').exists()
+  items = dict(state=item)
+  if saved:
+    items['checksums'] = ocp.args.JsonRestore()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f'unreadable ({_first_line(e)})'
+  why = verify and _verify(restored['checksums'] if saved else None,
+                           restored['state'], step)
+  return (None, f'damaged: {why}') if why else (restored['state'], None)
 
 
 _warned_unverified = False
@@ -209,7 +176,7 @@ def _verify(saved: dict[str, str] | None, restored: Any,
                       'checksums: its arrays restore unverified.', step)
       _warned_unverified = True
     return None
-  bad = checksums.mismatches(saved, _start_checksums(restored).result())
+  bad = checksums.mismatches(saved, _checksums(restored))
   if not bad:
     return None
   arrays = ('1 array differs from the checksum saved with it' if len(bad) == 1
@@ -281,8 +248,9 @@ class Checkpoints:
     items = dict(state=ocp.args.StandardSave(state),
                  data=grain.checkpoint.CheckpointSave(iterator),
                  meta=ocp.args.JsonSave(meta_data))
-    if self._checksums:  # Dispatched now, written in the background.
-      items['checksums'] = _ChecksumsSave(_start_checksums(state))
+    if self._checksums:
+      # Now: the next train step may reuse (donate) the state's buffers.
+      items['checksums'] = ocp.args.JsonSave(_checksums(state))
     self._state_bytes = sum(getattr(leaf, 'nbytes', 8)
                             for leaf in jax.tree.leaves(state))
     with self._reporting_a_full_disk():
@@ -351,14 +319,9 @@ class Checkpoints:
                   abstract_state: Any) -> tuple[Any, str | None]:
     """(state, None) of `step`, verified against its checksums, or (None,
     why it is unreadable or damaged)."""
-    try:
-      state = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))['state']
-      saved = self._checksums and _read_checksums(self.manager, step)
-    except Exception as e:  # pylint: disable=broad-except
-      return None, f'unreadable ({_first_line(e)})'
-    why = self._checksums and _verify(saved, state, step)
-    return (None, f'damaged: {why}') if why else (state, None)
+    return _restore_verified(self.manager, step,
+                             ocp.args.StandardRestore(abstract_state),
+                             self._checksums)
 
   def _data_unreadable(self, step: int) -> str | None:
     """Why the data position of `step` cannot restore, or None.
@@ -553,17 +516,10 @@ def load_weights(init_from: str, config: ml_collections.ConfigDict,
                       ignore=_PARAMETER_FREE)
     target = {'params': abstract_state.params,
               'batch_stats': abstract_state.batch_stats}
-    try:
-      restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(
-              target, partial_restore=True,
-              restore_args=ocp.checkpoint_utils.construct_restore_args(
-                  target))))['state']
-      why = _verify(_read_checksums(checkpoints.manager, step), restored,
-                    step)
-      why = why and f'damaged: {why}'
-    except Exception as e:  # pylint: disable=broad-except
-      why = f'unreadable ({_first_line(e)})'
+    restored, why = _restore_verified(
+        checkpoints.manager, step, ocp.args.PyTreeRestore(
+            target, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     if why:
       raise DamagedCheckpoint(
           f'--config.init_from={init_from}: checkpoint {step} in '
