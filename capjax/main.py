@@ -1,9 +1,29 @@
 """capjax's entry point: flags -> the job the `--mode` names.
 
     python -m capjax.main --config=configs/shapes.py --workdir=runs/shapes
+
+SIGINT and SIGTERM outside the training loop end the job with one line and
+the status 128 + the signal (see capjax/stopping.py); in a multi-process
+job, the others stop with it, and a process that is gone stops the others
+with one line and the status 1 (`distributed.PeerWatch`).
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from capjax import stopping
+
+if __name__ == '__main__':
+  # First, before the 2 s of imports below: a signal meanwhile ends the job
+  # at once (nothing is written yet), not with a traceback through whichever
+  # module was loading.
+  _GUARD = stopping.Guard(
+      at_once_line='capjax: stopped by {signal} while starting; nothing was '
+      'written')
+else:
+  _GUARD = None
+
+import functools
 import os
+import signal
 import sys
 
 from absl import app
@@ -16,6 +36,7 @@ from capjax import cli
 from capjax import config as config_lib
 from capjax import distributed
 from capjax.errors import UserError
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 CONFIG = config_flags.DEFINE_config_file(
@@ -70,21 +91,96 @@ def run(config, workdir: str, mode: str) -> None:
     cache_features.run(config, workdir)
 
 
+# What each job was doing when a signal stopped it outside the training loop
+# (which stops at a step of its own, and the end-of-run evaluators, which
+# say what they did themselves).
+_DURING = {
+    'train': 'during start-up', 'decode': 'during the decode',
+    'evaluate_continuously': 'while evaluating checkpoints',
+    'prepare': 'while preparing the data',
+    'cache_features': 'while caching features',
+}
+
+
+def _last_checkpoint(workdir: str) -> str:
+  """'; the last checkpoint is step N (...)', or that there is none."""
+  # Loaded by the training job by now; never imported here, as this may run
+  # in a thread of the peer watch while the main thread imports.
+  workdir_lib = sys.modules.get('capjax.workdir')
+  if workdir_lib is None:
+    return ''
+  try:
+    names = os.listdir(workdir_lib.checkpoints_dir(workdir))
+  except OSError:
+    names = []
+  # orbax names a step's folder by its number once the step is complete.
+  steps = [int(n) for n in names if n.isdigit()]
+  if not steps:
+    return '; no checkpoint was written yet'
+  return (f'; the last checkpoint is step {max(steps)} (the same command '
+          'resumes from it)')
+
+
+def _stopped_line(e: stopping.Stopped, workdir: str, mode: str) -> str:
+  if e.message:
+    return f'capjax: {e.message}'
+  line = (f'capjax: stopped by {e.signal} {_DURING[mode]}; nothing was '
+          'written half-way')
+  if mode == 'train':
+    line += _last_checkpoint(workdir)
+  elif mode == 'cache_features':
+    line += ' (the same command goes on from the shards written)'
+  return line
+
+
+def _peer_ended(workdir: str, mode: str, text: str, code: int) -> None:
+  """What the peer watch calls, from its thread, when another process of
+  the job is gone or stopped: this one stops too, now. Its main thread is
+  likely blocked in a collective that will never return, so there is
+  nothing to unwind: a temporary file it was writing is removed by the next
+  run that writes there."""
+  line = f'capjax: {text}; stopping process {jax.process_index()} too'
+  if mode == 'train':
+    line += _last_checkpoint(workdir)
+  stopping.exit_now(line, code)
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(cli.QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  guard = _GUARD or stopping.Guard()
+  guard.at_once_line = None  # From here on a stop unwinds: see stopping.py.
+  watch = None
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, os.environ)
+    watch = distributed.watch_peers(
+        functools.partial(_peer_ended, FLAGS.workdir, FLAGS.mode))
+    if FLAGS.mode != 'train':
+      # JAX's preemption notifier took SIGTERM in `initialize`, for the
+      # training loop to stop at a step that every process agrees on; the
+      # other jobs have no such step, and stop at once.
+      guard.take_back(signal.SIGTERM)
     logging.info('JAX process %d of %d; local devices: %s',
                  jax.process_index(), jax.process_count(),
                  jax.local_devices())
     config = cli.load_config(CONFIG)
     config_lib.check(config)
     run(config, FLAGS.workdir, FLAGS.mode)
+    guard.finished()
   except UserError as e:
+    if watch:
+      watch.close()
     sys.exit(f'capjax: error: {e}')
+  except stopping.Stopped as e:
+    if watch and e.everywhere:
+      watch.close()
+    elif watch:
+      watch.stopped(f'{e.signal} {_DURING[FLAGS.mode]}', e.code)
+    stopping.exit_now(_stopped_line(e, FLAGS.workdir, FLAGS.mode), e.code)
+  if watch:
+    watch.close()
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import functools
 import os
 import shutil
 
+from absl import logging
 import jax
 import ml_collections
 import optax
@@ -93,6 +94,7 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
                           'batch_stats': abstract.batch_stats['encoder']}
       encoder_weights = pretrained.load_encoder_weights(
           config.model.encoder, encoder_abstract)
+    logging.info('Initialising the model (compiling its initialiser).')
     state = jax.jit(functools.partial(state_lib.create, config, model, tx),
                     out_shardings=par.replicated)(init_rng, encoder_weights)
   return Start(data=data, par=par, objective=objective, model=model, tx=tx,

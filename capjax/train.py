@@ -9,7 +9,9 @@ evaluators' (`capjax.evaluators`); this module only runs them.
 
 import contextlib
 import functools
+import itertools
 import os
+import signal
 import time
 from typing import Callable
 
@@ -27,10 +29,12 @@ from capjax import optimizer
 from capjax import preemption as preemption_lib
 from capjax import start as start_lib
 from capjax import state as state_lib
+from capjax import stopping
 from capjax import workdir as workdir_lib
 from capjax.data import pipeline
 from capjax.data import prepare
 from capjax.errors import UserError
+from capjax.evaluators import common
 
 
 def _frozen_until(config: ml_collections.ConfigDict) -> int:
@@ -136,6 +140,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending = []  # Device metrics of the steps since the last fetch.
   since = time.perf_counter()
   step = start
+  stop = False
   try:
     with metric_writers.ensure_flushes(writer):
       while step < t.num_steps:
@@ -174,19 +179,61 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           preemption.signal, step)
           break
       if step >= t.num_steps:
-        # After the last checkpoint is safe: the final test decodes.
-        for evaluator in at_end.values():
-          evaluator.run(state, step, writer)
+        # While the last checkpoint is written: the final test decodes.
+        _evaluate_at_end(at_end, state, step, writer, preemption,
+                         stopped=stop)
   finally:
     # The handlers stay until the last save is written: a second signal must
     # not cut it short.
     checkpoints.wait()
     checkpoints.close()
-    preemption.restore()
     writer.close()
+    preemption.restore()
   logging.info('Checkpoints in %s; logs (TensorBoard) in %s.',
                checkpoints.directory, os.path.abspath(workdir))
   return par.get_state(state)
+
+
+def _evaluate_at_end(at_end: dict, state, step: int, writer,
+                     preemption: preemption_lib.Preemption,
+                     stopped: bool) -> None:
+  """Runs the end-of-run evaluators (`every_steps=0`) not done at `step`.
+
+  A signal stops them at the next batch, on every process at the same one
+  (the preemption sync point, asked with the steps after `step`): the
+  results of those that finished are kept, and `stopping.Stopped` names
+  the others. The same command run again finds training done and runs
+  only those (`done`). `stopped`: the loop stopped at its last step.
+  """
+  if not at_end:
+    return
+  done = common.on_chief(
+      lambda: [n for n, e in at_end.items() if e.done(step)])
+  if done:
+    logging.info('Done at step %d already: %s.', step, ', '.join(done))
+  steps = itertools.count(step + 1)
+  stop = lambda: preemption.stop(next(steps))
+  finished = []
+  for name, evaluator in at_end.items():
+    if name in done:
+      continue
+    try:
+      if stopped or stop():
+        raise evaluators.Interrupted(name)
+      logging.info('End-of-run evaluator %s at step %d.', name, step)
+      evaluator.run(state, step, writer, stop=stop)
+    except evaluators.Interrupted:
+      left = [n for n in at_end if n not in done and n not in finished]
+      kept = done + finished
+      sig = preemption.signal
+      # 'SIGTERM (to this process or another)' when JAX's service heard it.
+      code = stopping.exit_code(getattr(signal, sig, signal.SIGTERM))
+      raise stopping.Stopped(sig, code, everywhere=True, message=(
+          f'stopped by {sig} during the end-of-run evaluators of step '
+          f'{step}: ' + (f'{", ".join(kept)} done, ' if kept else '') +
+          f'{", ".join(left)} left undone; the same command runs '
+          f'{"it" if len(left) == 1 else "them"}')) from None
+    finished.append(name)
 
 
 def _write_train_metrics(writer, config, step: int, pending: list,

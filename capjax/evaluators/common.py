@@ -18,6 +18,11 @@ from capjax.data.vocab import Vocab
 from capjax.errors import UserError
 
 
+class Interrupted(Exception):
+  """An evaluator's `stop` callback ended it before its last batch; nothing
+  of its run was written or logged. The argument: the evaluator's name."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchOptions:
   """How captions are searched for; see `decode.search`."""

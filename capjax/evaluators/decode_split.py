@@ -14,6 +14,7 @@ padded and masked (`pipeline.eval_dataset`), and the padding rows dropped by
 their mask. The search options are those of `config.decode`.
 """
 
+from collections.abc import Callable
 import dataclasses
 import functools
 import os
@@ -64,8 +65,20 @@ class DecodeSplit:
     self._search = _compiled_search(par, model, config.data.max_len,
                                     self.options)
 
-  def captions(self, state) -> dict[int, str]:
-    """Captions of every image of the split, by image id."""
+  def done(self, step: int) -> bool:
+    """Whether the split was decoded and scored at `step` with these search
+    options already (an end-of-run decode that a signal cut short is
+    done again, those it finished are not)."""
+    return os.path.exists(workdir_lib.decode_metrics_path(
+        self._workdir, self.split, step, self.options.tag()))
+
+  def captions(self, state, stop: Callable[[], bool] | None = None
+               ) -> dict[int, str]:
+    """Captions of every image of the split, by image id.
+
+    `stop()`, asked after every batch (the same batches on every process),
+    ends the decode with `common.Interrupted` when it says so.
+    """
     batch_size = self._config.decode.batch_size or self._config.batch_size
     if batch_size % jax.device_count():
       raise UserError(f'--config.decode.batch_size={batch_size} is not '
@@ -79,12 +92,16 @@ class DecodeSplit:
               if k in batch}
       out = self._par.fetch(self._search(state, self._par.put_batch(rows)))
       captions.update(common.captions_of(out, self._data.vocab))
+      if stop and stop():
+        raise common.Interrupted(self.name)
     return captions
 
-  def run(self, state, step: int, writer) -> dict[str, float]:
-    """Decodes the split, scores it and writes the results files."""
+  def run(self, state, step: int, writer,
+          stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """Decodes the split, scores it and writes the results files; `stop`:
+    see `captions` (nothing is written then)."""
     start = time.perf_counter()
-    captions = self.captions(state)
+    captions = self.captions(state, stop)
     seconds = time.perf_counter() - start
     info = {
         'split': self.split, 'step': step, 'images': len(captions),

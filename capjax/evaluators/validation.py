@@ -9,6 +9,7 @@ per batch for both. One of them, `train.best_metric` (`val_CIDEr`), picks
 the best checkpoint.
 """
 
+from collections.abc import Callable
 import functools
 
 from absl import logging
@@ -66,8 +67,18 @@ class Validation:
     self._step = par.map(functools.partial(
         _validate, model=model, config=config, options=options))
 
-  def run(self, state, step: int, writer) -> dict[str, float]:
-    """The metrics (`<name>_loss`, `<name>_CIDEr`, ...), logged at `step`."""
+  def done(self, step: int) -> bool:
+    """Validation writes no files: never done before it runs."""
+    del step
+    return False
+
+  def run(self, state, step: int, writer,
+          stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """The metrics (`<name>_loss`, `<name>_CIDEr`, ...), logged at `step`.
+
+    `stop()`, asked after every batch (the same batches on every process),
+    ends it with `common.Interrupted`, nothing logged, when it says so.
+    """
     vocab = self._data.vocab
     totals, captions = None, {}
     batches = pipeline.eval_dataset(self._config, self._source, vocab)
@@ -78,6 +89,8 @@ class Validation:
       sums = jax.tree.map(lambda x: np.sum(x, 0), out.pop('sums'))
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
       captions.update(common.captions_of(out, vocab))
+      if stop and stop():
+        raise common.Interrupted(self.name)
     penalty = self._config.train.attention_penalty
     metrics = {
         'loss': float(losses.caption_loss(totals, penalty)),
