@@ -31,6 +31,9 @@ a notice arriving just then would settle on a step that process is beyond.
 
 One process without `jax.distributed` notes both signals itself and stops at
 the step after the signal, as does a second signal until `restore`.
+
+Outside the loop (start-up, the other jobs) a signal stops the job at once
+with one line: see `capjax.stopping`, whose handlers `restore` puts back.
 """
 
 import signal

@@ -331,13 +331,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(jobs, tmp_path, data_dir):
+def _two_processes(jobs, tmp_path, data_dir, *extra):
   """A 2-process job (2 CPU devices each), started here rather than by the
   launcher, which would stop the others itself when one ends."""
   port = _free_port()
   workdir = tmp_path / 'run'
   return [jobs(tmp_path, _base(
-      workdir, data_dir, '--config.train.num_steps=100000',
+      workdir, data_dir, '--config.train.num_steps=100000', *extra,
       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
       f'--process_id={i}'), name=f'process_{i}',
       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
@@ -358,6 +358,26 @@ def test_a_killed_process_stops_the_other(jobs, shapes_data_dir, tmp_path,
   _assert_stopped(survivor, rc, 1, f'process {victim} of 2 was lost; '
                   f'stopping process {1 - victim} too')
   assert seconds < 15, seconds  # JAX alone: 100 s, then an abort.
+
+
+@pytest.mark.slow  # 40 s on 2 cores: both processes compile the step.
+def test_a_process_killed_in_the_loop_stops_the_other(jobs, shapes_data_dir,
+                                                      tmp_path):
+  procs = _two_processes(jobs, tmp_path, shapes_data_dir,
+                         '--config.train.log_every_steps=1',
+                         '--config.evals.val.every_steps=-1')
+  for p in procs:
+    p.wait_for('] [4] train/')  # Past checkpoint 3, stepping.
+  procs[1].kill()  # Its share of the next step's gradient never comes.
+  killed = time.monotonic()
+  rc = procs[0].finish()
+  seconds = time.monotonic() - killed
+  steps = [int(n) for n in os.listdir(tmp_path / 'run' / 'checkpoints')
+           if n.isdigit()]
+  _assert_stopped(procs[0], rc, 1, 'process 1 of 2 was lost; stopping '
+                  'process 0 too; the last checkpoint is step '
+                  f'{max(steps)} (the same command resumes from it)')
+  assert seconds < 15, seconds
 
 
 def test_sigint_to_one_process_at_start_up_stops_both(jobs, shapes_data_dir,
