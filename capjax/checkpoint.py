@@ -378,10 +378,10 @@ class Checkpoints:
                     ) -> tuple[Any, int]:
     """(state, step) of `step` (default: the latest), for evaluation.
 
-    Only the state and its metadata are read: the data iterator's position
-    belongs to training. A damaged or unreadable step raises a
-    `DamagedCheckpoint` that names the intact steps and `step_flag`, the
-    option of the calling job that picks one.
+    Only the model (step, params, batch_stats) and its metadata are read:
+    the optimizer state and the data position belong to training. A damaged
+    or unreadable step raises a `DamagedCheckpoint` that names the intact
+    steps and `step_flag`, the option of the calling job that picks one.
     """
     steps = self.steps()
     if not steps:
@@ -402,20 +402,32 @@ class Checkpoints:
       _check_same_model(saved, meta_data,
                         f'checkpoint {step} in {self.directory} belongs to',
                         'decode with the config it was trained with')
-      state, why = self._read_state(step, abstract_state)
+      state, why = self._read_model(step, abstract_state)
       if why is None:
         return state, step
     intact = [s for s in reversed(steps)
-              if s != step and self._intact(s, abstract_state)]
+              if s != step and self._read_model(s, abstract_state)[1] is None]
     pick = (f'intact: {", ".join(map(str, intact))}; pick one with '
             f'{step_flag}={intact[0]}' if intact else
             'no other step is intact: train again')
     raise DamagedCheckpoint(f'checkpoint {step} in {self.directory} is {why}; '
                             f'{pick}')
 
-  def _intact(self, step: int, abstract_state: Any) -> bool:
-    """Whether `step` restores and matches its checksums (slow: reads it)."""
-    return self._read_state(step, abstract_state)[1] is None
+  def _read_model(self, step: int,
+                  abstract_state: Any) -> tuple[Any, str | None]:
+    """As `_read_state`, but only what evaluation uses: the step, params and
+    batch_stats (a TrainState's opt_state is None). The optimizer's moments,
+    twice the parameters with Adam, are neither read nor checked."""
+    full = serialization.to_state_dict(abstract_state)
+    target = {k: full[k] for k in ('step', 'params', 'batch_stats')}
+    restored, why = _restore_verified(
+        self.manager, step, ocp.args.PyTreeRestore(
+            target, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+        self._checksums)
+    if restored is None or isinstance(abstract_state, dict):
+      return restored, why
+    return abstract_state.replace(opt_state=None, **restored), why
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames unreadable steps, so the resumed run can write them again.

@@ -382,16 +382,18 @@ def _save_random(directory, steps):
   return states
 
 
-def change_bytes(step_dir) -> None:
+def change_bytes(step_dir, every_file=False) -> None:
   """Inverts 8 bytes in the middle of a checkpoint step's largest array
-  file, keeping its size: what a flaky disk or a bad copy does."""
-  path = max((p for p in pathlib.Path(step_dir, 'state').rglob('*')
-              if p.is_file() and p.parent.name == 'd'),
-             key=lambda p: p.stat().st_size)
-  data = bytearray(path.read_bytes())
-  middle = len(data) // 2
-  data[middle:middle + 8] = bytes(255 - b for b in data[middle:middle + 8])
-  path.write_bytes(bytes(data))
+  file (or of each), keeping its size: what a flaky disk or a bad copy
+  does."""
+  paths = sorted((p for p in pathlib.Path(step_dir, 'state').rglob('*')
+                  if p.is_file() and p.parent.name == 'd'),
+                 key=lambda p: p.stat().st_size)
+  for path in paths if every_file else paths[-1:]:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 8] = bytes(255 - b for b in data[middle:middle + 8])
+    path.write_bytes(bytes(data))
 
 
 def test_changed_bytes_are_caught_by_every_restore(tmp_path, caplog):
