@@ -182,17 +182,17 @@ def test_signal_while_restoring_keeps_the_checkpoints(jobs, workdir,
   assert not _temporaries(workdir)
 
 
-# Encoding each image of the copy takes 20 ms more: the copy of the train
-# split lasts about 3 s, long enough to be signalled in the middle of it.
-_SLOW_COPY = '''
-import time
-from capjax.data import resized
-_encode = resized._encode_example
-def _slow(*args):
-  time.sleep(0.02)
-  return _encode(*args)
-resized._encode_example = _slow
-'''
+def _slowed(module: str, function: str) -> str:
+  """A job's prelude that makes capjax.data.`module`.`function` take 20 ms
+  more a call: long enough a phase to be signalled in the middle of it."""
+  return (f'import time\nfrom capjax.data import {module}\n'
+          f'_original = {module}.{function}\n'
+          'def _slow(*args):\n  time.sleep(0.02)\n  return _original(*args)\n'
+          f'{module}.{function} = _slow\n')
+
+
+# The copy of the train split then lasts about 3 s.
+_SLOW_COPY = _slowed('resized', '_encode_example')
 
 
 def test_sigint_during_the_data_build_leaves_no_part(jobs, shapes_data_dir,
@@ -214,15 +214,7 @@ def test_sigint_during_the_data_build_leaves_no_part(jobs, shapes_data_dir,
   assert not [p for p in copy if p.endswith('train.json')], copy
 
 
-_SLOW_CACHE = '''
-import time
-from capjax.data import feature_cache
-_record = feature_cache.encode_record
-def _slow(*args):
-  time.sleep(0.02)
-  return _record(*args)
-feature_cache.encode_record = _slow
-'''
+_SLOW_CACHE = _slowed('feature_cache', 'encode_record')
 
 
 def test_sigterm_while_caching_features_leaves_no_part(jobs, shapes_data_dir,
