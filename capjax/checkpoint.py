@@ -552,15 +552,21 @@ def _first_line(error: Exception, limit: int = 200) -> str:
   return line if len(line) <= limit else line[:limit - 3] + '...'
 
 
-def _not_a_reported_full_disk(record: python_logging.LogRecord) -> bool:
+def _not_reported_by_capjax(record: python_logging.LogRecord) -> bool:
   """A logging filter for what `Checkpoints` reports as one line itself.
 
   A write that runs out of space fails in each of its concurrent writes:
   orbax logs the error (with its traceback) from each thread it passes
   through, and asyncio each write's error that nobody awaited, when its task
-  is collected.
+  is collected. Likewise a damaged step's reads: the restore fails with the
+  first (and is reported, or the step before is used), and asyncio logs
+  the tensorstore errors of the others.
   """
-  return not (record.exc_info and files.is_disk_full(record.exc_info[1]))
+  if not record.exc_info:
+    return True
+  error = record.exc_info[1]
+  return not (files.is_disk_full(error) or (
+      record.name == 'asyncio' and 'tensorstore_spec' in str(error)))
 
 
 def _late_tensorstore_callback(unraisable) -> bool:
@@ -590,7 +596,7 @@ def quiet_reported_failures() -> None:
   install it, once (a second call changes nothing).
   """
   for name in ('absl', 'asyncio'):  # orbax's logger, and asyncio's.
-    python_logging.getLogger(name).addFilter(_not_a_reported_full_disk)
+    python_logging.getLogger(name).addFilter(_not_reported_by_capjax)
   previous = sys.unraisablehook
   if getattr(previous, 'capjax_quiet', False):
     return

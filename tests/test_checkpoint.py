@@ -1,6 +1,7 @@
 """Checkpoints (capjax.checkpoint) on a small pytree: what a user sees when
 a save or a restore goes wrong, and what each job imports."""
 
+import asyncio
 import errno
 import json
 import os
@@ -314,6 +315,22 @@ def test_a_missing_manifest_falls_back_quietly(tmp_path):
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert 'Checkpoint 2 is unreadable' in proc.stderr
   assert sorted(os.listdir(directory)) == ['1', 'unreadable-2']
+
+
+def test_errors_of_reads_nobody_awaited_are_not_logged(caplog):
+  """A damaged step fails each of orbax's concurrent reads; the restore
+  reports the first, and asyncio would log the others' tracebacks."""
+  checkpoint.quiet_reported_failures()  # As the entry points do.
+  loop = asyncio.new_event_loop()
+  with caplog.at_level('ERROR', logger='asyncio'):
+    for text in ('DATA_LOSS: Error reading "params.w0/.zarray" '
+                 "[tensorstore_spec='{}']", 'an error of something else'):
+      loop.call_exception_handler({
+          'message': 'Future exception was never retrieved',
+          'exception': ValueError(text)})
+  loop.close()
+  assert 'an error of something else' in caplog.text
+  assert 'DATA_LOSS' not in caplog.text
 
 
 # ------------------------------------------------------ another model's steps
