@@ -436,7 +436,12 @@ class Checkpoints:
     """
     for step in steps:
       if jax.process_index() == 0:
+        # The same step may have been set aside before, and written again.
         target = self.manager.directory / f'unreadable-{step}'
+        again = 1
+        while target.exists():
+          target = self.manager.directory / f'unreadable-{step}.{again}'
+          again += 1
         (self.manager.directory / str(step)).rename(target)
         logging.warning('Moved unreadable checkpoint %d to %s.', step, target)
     if steps:

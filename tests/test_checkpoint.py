@@ -489,6 +489,14 @@ def test_a_garbage_data_position_falls_back_to_the_step_before(tmp_path):
   ckpt.close()
   assert (step, float(state['params']['w0'][0]), next(iterator)) == (1, 1, 1)
   assert sorted(os.listdir(directory)) == ['1', 'unreadable-2']
+  # Step 2 written again, and damaged again: set aside beside the first.
+  _save(directory, [2])
+  (directory / '2' / 'data' / 'process_0-of-1.json').write_text('{garbage')
+  ckpt = checkpoint.Checkpoints(str(directory), _config())
+  assert ckpt.restore(_abstract(_state()), _meta())[1] == 1
+  ckpt.close()
+  assert sorted(os.listdir(directory)) == ['1', 'unreadable-2',
+                                           'unreadable-2.1']
 
 
 def test_steps_without_checksums_restore_unverified(tmp_path, caplog,
