@@ -286,3 +286,17 @@ def in_a_tmpfs(mount_point, *argv, size='1m', read_only=False,
   return run(argv, cwd=REPO, timeout=timeout, env=dict(
       os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO,
                                                                  'tests')])))
+
+
+def saved_state(workdir: str, step: int):
+  """The state a job saved at checkpoint `step`, read back as orbax wrote
+  it, onto this process's first device whatever devices wrote it."""
+  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, target)

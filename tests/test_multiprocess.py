@@ -16,12 +16,12 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from capjax import train
 from capjax.errors import UserError
 from conftest import REPO
+from conftest import saved_state
 
 # Deterministic and well conditioned, so that float rounding (sums in another
 # order across processes) stays rounding: no dropout, BatchNorm on running
@@ -61,17 +61,6 @@ def _job(workdir, data_dir, steps, processes, extra=()):
   return _run(['bash', 'launch/local_multiprocess.sh', *args], env)
 
 
-def _params(workdir, step):
-  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  # Restored onto this process's device, whatever the devices that wrote it.
-  target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      checkpointer.metadata(path).item_metadata.tree)
-  return checkpointer.restore(path, target)['params']
-
-
 def _captions(workdir, step):
   path = os.path.join(workdir, 'decode', f'test_step{step}_beam3.json')
   with open(path) as f:
@@ -96,7 +85,7 @@ def _assert_close(a, b):
 def test_two_processes_train_and_decode_as_one(runs):
   one, two, (out, err), _ = runs
   assert 'JAX process 0 of 2' in err and 'JAX process 1 of 2' not in err
-  _assert_close(_params(two, 6), _params(one, 6))
+  _assert_close(saved_state(two, 6)['params'], saved_state(one, 6)['params'])
   # Decoded across both processes, every image once, written once.
   assert out.count('test at step 6, beam 3') == 1
   assert len(_captions(two, 6)) == 64  # The tiny build's test split.
@@ -105,7 +94,7 @@ def test_two_processes_train_and_decode_as_one(runs):
 def test_two_processes_resume_from_their_checkpoint(runs):
   one, two, _, (out, err) = runs
   assert 'Restored step 6' in err
-  _assert_close(_params(two, 8), _params(one, 8))
+  _assert_close(saved_state(two, 8)['params'], saved_state(one, 8)['params'])
   assert _captions(two, 8) == _captions(one, 8)
   assert out.count('test at step 8, beam 3') == 1
 
