@@ -143,27 +143,13 @@ def _fill(root, leave):
 
 
 def _in_a_small_tmpfs(tmp_path, size, *argv, timeout):
-  """Runs `argv` with a tmpfs of `size` at tmp_path/mnt, seen by it alone
-  (a mount namespace); skips where the machine allows none."""
+  """conftest's `in_a_tmpfs` at tmp_path/mnt: (the mount point, the run)."""
+  # Imported here: the jobs these tests start import this module, and must
+  # import no more than a job would.
+  from conftest import in_a_tmpfs  # pylint: disable=g-import-not-at-top
   mount_point = tmp_path / 'mnt'
-  mount_point.mkdir()
-  if not shutil.which('unshare'):
-    pytest.skip('needs unshare (util-linux) to mount a small tmpfs')
-
-  def run(tmpfs_size, *command, **kwargs):
-    return subprocess.run(
-        ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
-         f'mount -t tmpfs -o size={tmpfs_size} capjax-test "{mount_point}" '
-         '&& exec "$@"', 'sh', *map(str, command)],
-        text=True, capture_output=True, check=False, **kwargs)
-  probe = run('1m', 'true')
-  if probe.returncode:
-    pytest.skip('needs user and mount namespaces (unshare --user '
-                '--map-root-user --mount) to mount a small tmpfs, which '
-                f'this machine refuses: {probe.stderr.strip()}')
-  return mount_point, run(size, *argv, cwd=REPO, timeout=timeout, env=dict(
-      os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO,
-                                                                 'tests')])))
+  return mount_point, in_a_tmpfs(mount_point, *argv, size=size,
+                                 timeout=timeout)
 
 
 def _disk_full_scenario(root):
