@@ -29,6 +29,7 @@ import logging as python_logging
 import os
 import shutil
 import sys
+import warnings
 from typing import Any, TYPE_CHECKING
 
 from absl import logging
@@ -602,6 +603,11 @@ def quiet_reported_failures() -> None:
   """
   for name in ('absl', 'asyncio'):  # orbax's logger, and asyncio's.
     python_logging.getLogger(name).addFilter(_not_reported_by_capjax)
+  # A write that ran out of space leaves orbax's other writes of that step
+  # unawaited; Python says so as the process ends, after the one line.
+  warnings.filterwarnings(
+      'ignore', message=r"coroutine 'async_serialize.*' was never awaited",
+      category=RuntimeWarning)
   previous = sys.unraisablehook
   if getattr(previous, 'capjax_quiet', False):
     return
