@@ -23,6 +23,7 @@ checksum restore as they did, with one warning.
 """
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging as python_logging
@@ -52,6 +53,25 @@ from capjax.errors import UserError
 if TYPE_CHECKING:
   import grain  # pylint: disable=g-import-not-at-top
 
+
+# orbax copies a replicated array to the host in one slice per replica, in
+# parallel (`use_replica_parallel`), however small the array: a dispatched
+# slicing op each, and one compile per shape at a process's first save.
+# For the small arrays of a train state (all biases and norms; every array
+# of a small model) that costs more than it saves: their copy starts at one
+# replica (per process). orbax's options reach only the handler it
+# registers, so the registered one is copied with its threshold set.
+_MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _copy_small_arrays_whole() -> None:
+  handler = copy.copy(ocp.type_handlers.get_type_handler(jax.Array))
+  if getattr(handler, '_min_slice_bytes_for_replica_parallel', 0) is None:
+    handler._min_slice_bytes_for_replica_parallel = _MIN_REPLICA_SLICE_BYTES  # pylint: disable=protected-access
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+_copy_small_arrays_whole()
 
 
 class DamagedCheckpoint(UserError):

@@ -11,6 +11,7 @@ set -euo pipefail
 
 : "${NUM_PROCESSES:?set NUM_PROCESSES, the number of processes (e.g. 2)}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-1}"  # simulated CPU devices each
+# (added to the XLA_FLAGS of the environment, whose other flags are kept)
 PYTHON="${PYTHON:-python}"
 LOG_DIR="${LOG_DIR:-$(mktemp -d -t capjax-processes-XXXXXX)}"
 if [ $# -eq 0 ]; then
@@ -35,7 +36,7 @@ trap 'exit 143' INT TERM
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   cmd=(env JAX_PLATFORMS=cpu
-       "XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
+       "XLA_FLAGS=${XLA_FLAGS:-} --xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
        "$PYTHON" -m capjax.main "--coordinator_address=127.0.0.1:$PORT"
        "--num_processes=$NUM_PROCESSES" "--process_id=$i" "$@")
   echo "+ ${cmd[*]}" >&2

@@ -20,6 +20,7 @@ import pytest
 
 from capjax import train
 from capjax.errors import UserError
+from conftest import COMPILE_FLAGS
 from conftest import REPO
 from conftest import saved_state
 
@@ -54,7 +55,8 @@ def _job(workdir, data_dir, steps, processes, extra=()):
   args = [*FLAGS, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           f'--config.train.num_steps={steps}', *extra]
   if processes == 1:
-    env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+    env['XLA_FLAGS'] = (
+        f'{COMPILE_FLAGS} --xla_force_host_platform_device_count=4')
     return _run([sys.executable, '-m', 'capjax.main', *args], env)
   env.update(NUM_PROCESSES=str(processes), DEVICES_PER_PROCESS='2',
              PYTHON=sys.executable)
@@ -168,7 +170,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step(shapes_data_dir,
   workdir = str(tmp_path / 'run')
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=(f'{COMPILE_FLAGS} '
+                        '--xla_force_host_platform_device_count=2'))
   logs = [tmp_path / f'process_{i}.log' for i in range(2)]
   procs = []
   try:
