@@ -68,7 +68,15 @@ def _copy_small_arrays_whole() -> None:
   handler = copy.copy(ocp.type_handlers.get_type_handler(jax.Array))
   if getattr(handler, '_min_slice_bytes_for_replica_parallel', 0) is None:
     handler._min_slice_bytes_for_replica_parallel = _MIN_REPLICA_SLICE_BYTES  # pylint: disable=protected-access
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    # Without orbax's warning that a handler is replaced: it is on purpose.
+    absl_logger = python_logging.getLogger('absl')
+    level = absl_logger.level
+    absl_logger.setLevel(python_logging.ERROR)
+    try:
+      ocp.type_handlers.register_type_handler(jax.Array, handler,
+                                              override=True)
+    finally:
+      absl_logger.setLevel(level)
 
 
 _copy_small_arrays_whole()

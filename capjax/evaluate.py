@@ -13,7 +13,6 @@ import os
 import time
 
 from absl import logging
-from clu import metric_writers
 import jax
 import ml_collections
 
@@ -41,6 +40,9 @@ class _Job:
     self.checkpoints = checkpoint_lib.Checkpoints(
         workdir_lib.checkpoints_dir(workdir), config, create=False)
     self._evaluators = {}  # By feature cache folder (None: images).
+    # Here, not at the top: clu's writers import TensorFlow (3 s), which a
+    # job stopped by a mistake in its data or workdir does without.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.writer = metric_writers.create_default_writer(
         workdir_lib.decode_dir(workdir),
         just_logging=jax.process_index() != 0)

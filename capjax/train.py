@@ -16,8 +16,6 @@ import time
 from typing import Callable
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 from flax import traverse_util
 import jax
 import ml_collections
@@ -102,6 +100,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise
 
   # -------------------------------------------------------------- logging
+  # clu's writers import TensorFlow (3 s of a job's start): a job that ends
+  # before it trains (a mistake in its data, a signal during start-up) is
+  # spared it.
+  # pylint: disable-next=g-import-not-at-top
+  from clu import metric_writers, periodic_actions
   writer = metric_writers.create_default_writer(
       workdir, just_logging=not is_chief, asynchronous=True)
   if start == 0:

@@ -1,13 +1,15 @@
-"""A real multi-process job: 2 processes x 2 CPU devices, gloo collectives.
+"""A real multi-process job: 2 processes x 4 CPU devices, gloo collectives.
 
 The job is started by launch/local_multiprocess.sh, over loopback, and must
-train and decode exactly as 1 process x 4 devices with the same global
-batch; then it resumes from its own checkpoint. Every process runs in its own
-process group, killed when the test ends, also when it fails.
+train and decode exactly as 1 process x 8 devices (the tests' own, in this
+process) with the same global batch; then it resumes from its own
+checkpoint. Every process runs in its own process group, killed when the
+test ends, also when it fails.
 """
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,19 +22,30 @@ import pytest
 
 from capjax import train
 from capjax.errors import UserError
+from capjax.tuning import sweep as sweep_lib
 from conftest import COMPILE_FLAGS
 from conftest import REPO
 from conftest import saved_state
+from configs import test as test_configs
 
 # Deterministic and well conditioned, so that float rounding (sums in another
 # order across processes) stays rounding: no dropout, BatchNorm on running
 # statistics, no attention penalty; a constant learning rate, so that a run
 # resumed to step 8 matches one that went there straight.
-FLAGS = ['--config=configs/test.py', '--config.model.decoder.dropout=0.0',
-         '--config.model.encoder.freeze_bn=True',
-         '--config.train.attention_penalty=0.0',
-         '--config.train.schedule=constant', '--config.evals.val.num_batches=1',
-         '--config.evals.test.every_steps=0', '--config.decode.meteor=none']
+SETTINGS = {'model.decoder.dropout': 0.0, 'model.encoder.freeze_bn': True,
+            'train.attention_penalty': 0.0, 'train.schedule': 'constant',
+            'evals.val.num_batches': 1, 'evals.test.every_steps': 0,
+            'decode.meteor': 'none'}
+FLAGS = ['--config=configs/test.py',
+         *(f'--config.{name}={value}' for name, value in SETTINGS.items())]
+
+
+def _config(data_dir, steps):
+  """configs/test.py as FLAGS set it, for a run in this process."""
+  config = sweep_lib.apply(test_configs.get_config(), SETTINGS)
+  config.data.data_dir = data_dir
+  config.train.num_steps = steps
+  return config
 
 
 def _run(cmd, env):
@@ -50,16 +63,12 @@ def _run(cmd, env):
   return out, err
 
 
-def _job(workdir, data_dir, steps, processes, extra=()):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+def _job(workdir, data_dir, steps, extra=(), devices=4):
+  """The job on 2 processes of `devices` CPU devices each, by the launcher."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', NUM_PROCESSES='2',
+             DEVICES_PER_PROCESS=str(devices), PYTHON=sys.executable)
   args = [*FLAGS, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           f'--config.train.num_steps={steps}', *extra]
-  if processes == 1:
-    env['XLA_FLAGS'] = (
-        f'{COMPILE_FLAGS} --xla_force_host_platform_device_count=4')
-    return _run([sys.executable, '-m', 'capjax.main', *args], env)
-  env.update(NUM_PROCESSES=str(processes), DEVICES_PER_PROCESS='2',
-             PYTHON=sys.executable)
   return _run(['bash', 'launch/local_multiprocess.sh', *args], env)
 
 
@@ -73,9 +82,10 @@ def _captions(workdir, step):
 def runs(shapes_data_dir, tmp_path_factory):
   one = str(tmp_path_factory.mktemp('one_process'))
   two = str(tmp_path_factory.mktemp('two_processes'))
-  _job(one, shapes_data_dir, 8, processes=1)  # Checkpoints 3, 6 and 8.
-  first = _job(two, shapes_data_dir, 6, processes=2)
-  resumed = _job(two, shapes_data_dir, 8, processes=2)
+  # The reference, on this process's 8 devices: checkpoints 3, 6 and 8.
+  train.train_and_evaluate(_config(shapes_data_dir, 8), one)
+  first = _job(two, shapes_data_dir, 6)
+  resumed = _job(two, shapes_data_dir, 8)
   return one, two, first, resumed
 
 
@@ -101,31 +111,30 @@ def test_two_processes_resume_from_their_checkpoint(runs):
   assert out.count('test at step 8, beam 3') == 1
 
 
-def test_another_process_count_needs_discard_data_state(runs, test_config):
+def test_another_process_count_needs_discard_data_state(
+    runs, shapes_data_dir, tmp_path):
   _, two, _, _ = runs
-  test_config.model.decoder.dropout = 0.0
-  test_config.model.encoder.freeze_bn = True
-  test_config.train.attention_penalty = 0.0
-  test_config.train.schedule = 'constant'
-  test_config.train.num_steps = 9
-  test_config.evals.val.every_steps = -1
+  workdir = str(tmp_path / 'two')
+  shutil.copytree(two, workdir)  # The other tests read the original.
+  config = _config(shapes_data_dir, 9)
+  config.evals.val.every_steps = -1
   with pytest.raises(UserError, match='written by 2 processes and this job '
                      'has 1'):
-    train.train_and_evaluate(test_config, two)
-  test_config.train.discard_data_state = True
-  state = train.train_and_evaluate(test_config, two)
+    train.train_and_evaluate(config, workdir)
+  config.train.discard_data_state = True
+  state = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 9
 
 
 def test_two_processes_build_and_train_from_the_feature_cache(
     shapes_data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  out, err = _job(workdir, shapes_data_dir, 3, processes=2, extra=[
+  out, err = _job(workdir, shapes_data_dir, 3, extra=[
       '--config.seed=11',  # An encoder, so a cache, of this test's own.
       '--config.model.encoder.frozen=True',
       '--config.train.allow_random_frozen_encoder=True',
       '--config.data.features.use=True', '--config.data.features.dtype=float32',
-      '--config.data.features.batch_size=12'])
+      '--config.data.features.batch_size=12'], devices=2)
   assert 'Encoding train, test, validation (384 images)' in err
   folder = err.split(' into ')[1].split('.\n')[0]
   # Written once, by process 0, complete: 256 + 64 + 64 images.
