@@ -1,7 +1,9 @@
 """Shared fixtures: fake CPU devices, and the tiny `shapes` build, made once."""
 
 import atexit
+import fcntl
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -63,6 +65,25 @@ from capjax.models import resnet
 flags.FLAGS.mark_as_parsed()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """The folder `name`, filled by `build(folder)` once per pytest run: with
+  xdist, by the first worker that asks, under a lock that the others wait
+  for. A module's expensive set-up is then paid once even when its tests
+  are spread over the workers."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # The run's folder, above each worker's own.
+  folder, done = root / name, root / f'{name}.done'
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      build(folder)
+      done.touch()
+  return folder
 
 
 @pytest.fixture(scope='session')

@@ -25,6 +25,7 @@ from capjax.errors import UserError
 from capjax.tuning import sweep as sweep_lib
 from conftest import COMPILE_FLAGS
 from conftest import REPO
+from conftest import built_once
 from conftest import saved_state
 from configs import test as test_configs
 
@@ -80,13 +81,22 @@ def _captions(workdir, step):
 
 @pytest.fixture(scope='module')
 def runs(shapes_data_dir, tmp_path_factory):
-  one = str(tmp_path_factory.mktemp('one_process'))
-  two = str(tmp_path_factory.mktemp('two_processes'))
-  # The reference, on this process's 8 devices: checkpoints 3, 6 and 8.
-  train.train_and_evaluate(_config(shapes_data_dir, 8), one)
-  first = _job(two, shapes_data_dir, 6)
-  resumed = _job(two, shapes_data_dir, 8)
-  return one, two, first, resumed
+  """(the reference's workdir, the job's, (stdout, stderr) of its first run
+  and of its resumed one); made once, whichever worker asks first."""
+
+  def build(folder):
+    # The reference, on this process's 8 devices: checkpoints 3, 6 and 8.
+    train.train_and_evaluate(_config(shapes_data_dir, 8),
+                             str(folder / 'one'))
+    for name, steps in (('first', 6), ('resumed', 8)):
+      out, err = _job(folder / 'two', shapes_data_dir, steps)
+      (folder / f'{name}.out').write_text(out)
+      (folder / f'{name}.err').write_text(err)
+
+  folder = built_once(tmp_path_factory, 'multiprocess_runs', build)
+  outputs = [tuple((folder / f'{name}.{kind}').read_text()
+                   for kind in ('out', 'err')) for name in ('first', 'resumed')]
+  return str(folder / 'one'), str(folder / 'two'), *outputs
 
 
 def _assert_close(a, b):
