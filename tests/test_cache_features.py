@@ -237,7 +237,6 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   assert batch['features'].shape == (8, 1, 1, 256) and 'image' not in batch
 
   # The decode job: the captions of the images, from the cache.
-  config.decode.meteor = 'none'
   from_cache = evaluate.decode_checkpoint(config, workdir)
   with open(os.path.join(workdir, 'decode', 'test_step6_beam3.json')) as f:
     captions_from_cache = f.read()

@@ -36,7 +36,6 @@ def _config(shapes_data_dir):
   config = test_configs.get_config()
   config.data.data_dir = shapes_data_dir
   config.evals.val.num_batches = 1
-  config.decode.meteor = 'none'  # Java's start-up is tested in the metrics.
   config.decode.batch_size = 16
   return config
 

@@ -21,7 +21,8 @@ def test_main_trains(shapes_data_dir, tmp_path):
   proc = _main('--config=configs/test.py', f'--workdir={workdir}',
                f'--config.data.data_dir={shapes_data_dir}',
                '--config.evals.test.every_steps=0',
-               '--config.evals.test.split=test_novel')
+               '--config.evals.test.split=test_novel',
+               '--config.decode.meteor=java')  # The official one.
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   vocab = json.loads((workdir / 'vocab.json').read_text())

@@ -35,8 +35,7 @@ from configs import test as test_configs
 # resumed to step 8 matches one that went there straight.
 SETTINGS = {'model.decoder.dropout': 0.0, 'model.encoder.freeze_bn': True,
             'train.attention_penalty': 0.0, 'train.schedule': 'constant',
-            'evals.val.num_batches': 1, 'evals.test.every_steps': 0,
-            'decode.meteor': 'none'}
+            'evals.val.num_batches': 1, 'evals.test.every_steps': 0}
 FLAGS = ['--config=configs/test.py',
          *(f'--config.{name}={value}' for name, value in SETTINGS.items())]
 
@@ -127,7 +126,7 @@ def test_another_process_count_needs_discard_data_state(
   workdir = str(tmp_path / 'two')
   shutil.copytree(two, workdir)  # The other tests read the original.
   config = _config(shapes_data_dir, 9)
-  config.evals.val.every_steps = -1
+  config.evals.val.every_steps = config.evals.test.every_steps = -1
   with pytest.raises(UserError, match='written by 2 processes and this job '
                      'has 1'):
     train.train_and_evaluate(config, workdir)

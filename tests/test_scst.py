@@ -299,6 +299,7 @@ def test_coco_scst_config_runs_on_mock_data(tmp_path):
 def test_init_from_must_be_the_same_model(test_config, tmp_path):
   test_config.train.num_steps = 1
   test_config.evals.val.every_steps = -1
+  test_config.evals.test.every_steps = -1
   train.train_and_evaluate(test_config, str(tmp_path / 'a'))
   for init_from, match in ((tmp_path / 'missing', 'neither a workdir'),
                            (tmp_path / 'a', 'another model')):

@@ -87,7 +87,7 @@ def jobs():
 
 def _base(workdir, data_dir, *extra):
   return ['--config=configs/test.py', f'--workdir={workdir}',
-          f'--config.data.data_dir={data_dir}', '--config.decode.meteor=none',
+          f'--config.data.data_dir={data_dir}',
           '--config.evals.val.num_batches=1', *extra]
 
 
@@ -282,7 +282,7 @@ def test_a_signal_in_the_final_decodes_keeps_those_done(jobs, workdir,
   config.write_text(_TWO_DECODES)
   args = [f'--config={config}', f'--workdir={workdir}',
           f'--config.data.data_dir={shapes_data_dir}',
-          '--config.decode.meteor=none', '--config.evals.val.every_steps=-1']
+          '--config.evals.val.every_steps=-1']
   job = jobs(tmp_path, args, env={'PYTHONPATH': REPO}, prelude=_SLOW_DECODE)
   # Already trained: the end-of-run evaluators are all that runs.
   job.wait_for('End-of-run evaluator test_novel at step 6')
@@ -381,7 +381,7 @@ def test_sigterm_to_one_process_in_the_final_decodes_stops_both(
   procs = [jobs(tmp_path, [
       f'--config={config}', f'--workdir={workdir}',
       f'--config.data.data_dir={shapes_data_dir}',
-      '--config.decode.meteor=none', '--config.evals.val.every_steps=-1',
+      '--config.evals.val.every_steps=-1',
       # Trained by one process: its data position does not carry over.
       '--config.train.discard_data_state=True',
       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',

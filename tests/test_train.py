@@ -36,6 +36,7 @@ def _assert_same(a, b):
 
 
 def test_resume_is_bit_exact(test_config, tmp_path):
+  test_config.evals.test.every_steps = -1  # No final decode: not checked.
   test_config.train.num_steps = 6
   straight = train.train_and_evaluate(test_config, str(tmp_path / 'a'))
   test_config.train.num_steps = 3
@@ -79,6 +80,7 @@ def _copy(trained_workdir, tmp_path, config):
   from it."""
   shutil.copytree(trained_workdir, tmp_path, dirs_exist_ok=True)
   config.evals.val.num_batches = 1
+  config.evals.test.every_steps = -1  # No final decode: not checked.
 
 
 def test_corrupted_latest_falls_back_to_the_previous(test_config,
@@ -214,6 +216,7 @@ def test_frozen_phase_then_fine_tuning(test_config, tmp_path):
   config.train.encoder_from_step = 2
   config.train.allow_random_frozen_encoder = True  # Random, frozen 2 steps.
   config.evals.val.every_steps = -1
+  config.evals.test.every_steps = -1
   workdir = str(tmp_path / 'run')
   config.train.num_steps = 0
   initial = jax.tree.map(np.asarray, train.train_and_evaluate(config, workdir))
@@ -241,6 +244,7 @@ def test_frozen_phase_then_fine_tuning(test_config, tmp_path):
 
 def test_pmap_job_trains_evaluates_and_checkpoints(test_config, tmp_path):
   test_config.parallel = 'pmap'
+  test_config.evals.test.every_steps = -1  # Validation is what is checked.
   test_config.train.num_steps = 3
   state = train.train_and_evaluate(test_config, str(tmp_path))
   assert int(state.step) == 3
