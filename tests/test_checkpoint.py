@@ -523,3 +523,13 @@ print(sys.unraisablehook is sys.__unraisablehook__)
 ''', directory)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == ['2 2.0', '[]', 'True']
+
+
+def test_small_replicated_arrays_are_copied_to_the_host_whole():
+  """orbax's handler of jax.Array, as capjax registers it: replicated
+  arrays under 1 MiB a replica are not split into one slice per replica
+  (each slice a dispatched op, compiled at a process's first save)."""
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  # pylint: disable-next=protected-access
+  assert handler._min_slice_bytes_for_replica_parallel == (
+      checkpoint._MIN_REPLICA_SLICE_BYTES)
