@@ -20,8 +20,8 @@ def _known_to_xla(flags: str) -> bool:
 
 
 # XLA's older CPU code generation compiles the tiny models' steps in about
-# 60% of the time of its fusion emitters, and most of the suite's time is
-# compilation.
+# 60% of the time of its fusion emitters, and compilation is a large share
+# of the suite's time.
 COMPILE_FLAGS = '--xla_cpu_use_fusion_emitters=false'
 
 # Before JAX is imported anywhere (and inherited by the jobs tests start):
@@ -65,6 +65,11 @@ from capjax.models import resnet
 flags.FLAGS.mark_as_parsed()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a job of its own with `devices` CPU devices."""
+  return f'{COMPILE_FLAGS} --xla_force_host_platform_device_count={devices}'
 
 
 def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:

@@ -23,10 +23,10 @@ import pytest
 from capjax import train
 from capjax.errors import UserError
 from capjax.tuning import sweep as sweep_lib
-from conftest import COMPILE_FLAGS
 from conftest import REPO
 from conftest import built_once
 from conftest import saved_state
+from conftest import xla_flags
 from configs import test as test_configs
 
 # Deterministic and well conditioned, so that float rounding (sums in another
@@ -188,8 +188,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(shapes_data_dir,
   workdir = str(tmp_path / 'run')
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=(f'{COMPILE_FLAGS} '
-                        '--xla_force_host_platform_device_count=2'))
+             XLA_FLAGS=xla_flags(2))
   logs = [tmp_path / f'process_{i}.log' for i in range(2)]
   procs = []
   try:

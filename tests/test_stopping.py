@@ -20,9 +20,9 @@ import time
 import pytest
 
 from capjax import stopping
-from conftest import COMPILE_FLAGS
 from conftest import REPO
 from conftest import saved_state
+from conftest import xla_flags
 
 # The phases are short on the tiny build: a job that misses its moment (a
 # slow machine) fails its wait, never hangs.
@@ -319,8 +319,7 @@ def _two_processes(jobs, tmp_path, data_dir, *extra):
       workdir, data_dir, '--config.train.num_steps=100000', *extra,
       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
       f'--process_id={i}'), name=f'process_{i}',
-      env={'XLA_FLAGS': (f'{COMPILE_FLAGS} '
-                         '--xla_force_host_platform_device_count=2')})
+      env={'XLA_FLAGS': xla_flags(2)})
           for i in range(2)]
 
 
@@ -387,8 +386,7 @@ def test_sigterm_to_one_process_in_the_final_decodes_stops_both(
       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
       f'--process_id={i}'], name=f'process_{i}', env={
           'PYTHONPATH': REPO,
-          'XLA_FLAGS': (f'{COMPILE_FLAGS} '
-                        '--xla_force_host_platform_device_count=2')},
+          'XLA_FLAGS': xla_flags(2)},
                    prelude=_SLOW_DECODE)
            for i in range(2)]
   for p in procs:
