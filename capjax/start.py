@@ -68,7 +68,11 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
   model = models.build_captioner(config.model, len(data.vocab),
                                  config.data.normalization)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  abstract = state_lib.abstract(config, model, par.replicated)
+  # Traced once: its output shapes are what a checkpoint restores into, and
+  # a fresh run compiles the same trace.
+  init = jax.jit(functools.partial(state_lib.create, config, model, None),
+                 out_shardings=par.replicated).trace(init_rng)
+  abstract = init.out_info
   tx = optimizer.make(config, abstract.params)
   meta = checkpoint_lib.meta(config, data.vocab)
   checkpoints = checkpoint_lib.Checkpoints(
@@ -95,8 +99,11 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
       encoder_weights = pretrained.load_encoder_weights(
           config.model.encoder, encoder_abstract)
     logging.info('Initialising the model (compiling its initialiser).')
-    state = jax.jit(functools.partial(state_lib.create, config, model, tx),
-                    out_shardings=par.replicated)(init_rng, encoder_weights)
+    if encoder_weights is None:
+      state = init.lower().compile()(init_rng)
+    else:
+      state = jax.jit(functools.partial(state_lib.create, config, model, tx),
+                      out_shardings=par.replicated)(init_rng, encoder_weights)
   return Start(data=data, par=par, objective=objective, model=model, tx=tx,
                meta=meta, checkpoints=checkpoints, state=state, step=step,
                step_rng=step_rng)

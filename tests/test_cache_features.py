@@ -119,7 +119,8 @@ def test_the_fingerprint_follows_weights_and_resolution(test_config,
   s = start_lib.start(config, str(tmp_path))
   s.checkpoints.close()
   cache = cache_features.cache_of(config, s.data, s.model, s.state)
-  assert cache.description['shape'] == [1, 1, 256]
+  # configs/test.py's resnet_small at 32 px: a 2x2 grid of 64 channels.
+  assert cache.description['shape'] == [2, 2, 64]
   again = cache_features.cache_of(config, s.data, s.model, s.state)
   assert again.fingerprint == cache.fingerprint
   leaves, tree = jax.tree.flatten(s.state.params['encoder'])
@@ -234,7 +235,7 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   batch = next(iter(pipeline.train_dataset(
       config, dataclasses.replace(s.data, features=cache).source('train'),
       s.data.vocab)))
-  assert batch['features'].shape == (8, 1, 1, 256) and 'image' not in batch
+  assert batch['features'].shape == (8, 2, 2, 64) and 'image' not in batch
 
   # The decode job: the captions of the images, from the cache.
   from_cache = evaluate.decode_checkpoint(config, workdir)

@@ -210,8 +210,8 @@ def test_frozen_phase_then_fine_tuning(test_config, tmp_path):
   config = test_config
   config.model.encoder.frozen = False
   config.model.encoder.freeze_bn = False  # So BatchNorm would move, if run.
-  # 4 images per device: BatchNorm of one image's 1x1 feature grid would
-  # normalise it to 0, and pass no gradient into the encoder.
+  # 4 images per device: BatchNorm over one image's small feature grid
+  # would normalise it to about 0, and pass little gradient to the encoder.
   config.batch_size = 32
   config.train.encoder_from_step = 2
   config.train.allow_random_frozen_encoder = True  # Random, frozen 2 steps.

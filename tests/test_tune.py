@@ -315,6 +315,8 @@ def test_a_three_trial_sweep_prunes_and_writes_its_results(
   # validation loss is above the median, so the pruner stops it there.
   sweep = _sweep_file(tmp_path, (
       "Sweep(space={'train.learning_rate': categorical(1e-2, 1e-9, 3e-3)}, "
+      # No trial decodes the test split at its end: nothing here reads it.
+      "overrides={'evals.test.every_steps': -1}, "
       "metric='val_loss', direction='minimize', trials=3, pruner='median', "
       'pruner_startup_trials=1, startup_trials=1, '
       "enqueue=[{'train.learning_rate': 1e-2}, "
@@ -366,7 +368,8 @@ def test_a_killed_tuner_resumes_its_trial_from_the_checkpoint(
   sweep = _sweep_file(tmp_path, (
       "Sweep(space={'train.learning_rate': log_uniform(1e-3, 1e-2)}, "
       "overrides={'train.num_steps': 24, 'train.checkpoint_every_steps': 4, "
-      "'evals.val.every_steps': 4}, trials=1, pruner='none', "
+      "'evals.val.every_steps': 8, 'evals.test.every_steps': -1}, trials=1, "
+      "pruner='none', "
       'heartbeat_seconds=1, grace_seconds=4)'))
   workdir = tmp_path / 'tune'
   args = (f'--sweep={sweep}', f'--workdir={workdir}')
@@ -485,7 +488,8 @@ def test_two_workers_share_one_study(tmp_path, shapes_data_dir, how):
       "Sweep(space={'train.learning_rate': log_uniform(1e-3, 1e-2)}, "
       # Long enough that the second worker has started before the first
       # trial ends.
-      "overrides={'train.num_steps': 24, 'evals.val.every_steps': 12}, "
+      "overrides={'train.num_steps': 24, 'evals.val.every_steps': 12, "
+      "'train.checkpoint_every_steps': 12, 'evals.test.every_steps': -1}, "
       "trials=2, pruner='none', heartbeat_seconds=5, grace_seconds=60)"))
   workdir = tmp_path / 'tune'
   if how == 'workers':

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -134,9 +135,29 @@ def test_load_or_build_without_write_leaves_no_file(tmp_path):
 @pytest.mark.parametrize('caption', [
     'A man riding a wave on top of a surfboard.', 'two dogs, a cat', 'a b.',
     'A man cannot ride.', 'a man gonna ride', 'On Main St.', 'etc.',
-    'an x-ray of a 3-d model .', ' a dog . ', 'a--b', 'a , b', 'a dog.\n'])
+    'an x-ray of a 3-d model .', ' a dog . ', 'a--b', 'a , b', 'a dog.\n',
+    # The shapes grammar's listings, and their punctuation elsewhere.
+    'four shapes : a red square, a star and two blue disks',
+    'there are two objects , a red cross and a star', 'a ; b', 'a :5 b',
+    'a : 5', 'a ,b', 'a dog :', ': a dog', 'a man wanna ride', 'I wanna',
+    'a lemme b', 'gotta go', 'gimme a dog'])
 def test_plain_caption_shortcut_gives_treebank_tokens(caption):
   # tokenize() skips Treebank for plain captions; the tokens must not change.
   lower = caption.replace('\n', ' ').lower()
   assert tokenizer.tokenize(caption) == [
       t for t in tokenizer._tokens(lower) if t not in tokenizer._DROP]
+
+
+def test_plain_captions_know_every_word_treebank_splits():
+  # The words Treebank splits though they hold no apostrophe (a plain
+  # caption has none): each must send a caption through Treebank.
+  treebank = tokenizer._treebank()
+  words = set()
+  for pattern in treebank.CONTRACTIONS2 + treebank.CONTRACTIONS3:
+    word = ''.join(re.findall(r"\(([a-z']+)\)", pattern.pattern))
+    assert word, pattern.pattern
+    if "'" not in word:
+      words.add(word)
+      assert not tokenizer._is_plain(f'a {word} b'), word
+  assert words == set(tokenizer._SPLIT_WORDS)
+  assert tokenizer._is_plain('there are four shapes : a red square , a star')

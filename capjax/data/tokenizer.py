@@ -45,11 +45,20 @@ _ABBREVIATIONS = frozenset([
 
 
 # Captions whose tokens are just their words (hyphenated ones included):
-# words separated by spaces or ", ", and at most a final full stop.
+# words separated by spaces, ", " or a free-standing ",", ":" or ";" (which
+# Treebank splits off and the punctuation list drops), and at most a final
+# full stop.
 _WORD = re.compile(r'[a-z0-9]+(?:-[a-z0-9]+)*')
 _PLAIN = re.compile(
-    r' *(?:[a-z0-9]+(?:-[a-z0-9]+)*,? +)*[a-z0-9]+(?:-[a-z0-9]+)* *\.? *')
+    r' *(?:(?:[a-z0-9]+(?:-[a-z0-9]+)*,?|[,:;]) +)*'
+    r'[a-z0-9]+(?:-[a-z0-9]+)* *\.? *')
 _ABBREVIATION_ENDINGS = tuple(' ' + a for a in _ABBREVIATIONS)
+# The words without an apostrophe that Treebank still splits ("cannot" ->
+# "can not"): those of its CONTRACTIONS2/3 lists, here so that telling a
+# plain caption needs no nltk import (1 s of a job's start). A test checks
+# them against nltk's lists.
+_SPLIT_WORDS = ('cannot', 'gimme', 'gonna', 'gotta', 'lemme', 'wanna')
+_SPLIT_WORD = re.compile(r'\b(?:%s)\b' % '|'.join(_SPLIT_WORDS))
 
 
 @functools.cache
@@ -101,12 +110,9 @@ def _tokens(caption: str) -> list[str]:
 
 def _is_plain(caption: str) -> bool:
   """Whether the tokens of `caption` (lower case) are just its words."""
-  treebank = _treebank()
   return bool(_PLAIN.fullmatch(caption)) and not (
       (' ' + caption.rstrip(' .')).endswith(_ABBREVIATION_ENDINGS) or
-      # Words Treebank splits: "cannot", "gonna", ...
-      any(r.search(caption) for r in
-          treebank.CONTRACTIONS2 + treebank.CONTRACTIONS3))
+      _SPLIT_WORD.search(caption))
 
 
 def tokenize(caption: str) -> list[str]:
