@@ -88,16 +88,6 @@ def exit_now(line: str, code: int) -> NoReturn:
   """Prints `line` to stderr and ends the process now, whatever its threads
   do; a second caller (a timer, a watchdog) waits for the first's exit."""
   _exiting.acquire()  # pylint: disable=consider-using-with
-  for stream in (sys.stdout, sys.stderr):
-    try:
-      stream.flush()
-    except (OSError, ValueError):  # Closed, or a broken pipe.
-      pass
-  try:
-    sys.stderr.write(line + '\n')
-    sys.stderr.flush()
-  except (OSError, ValueError):
-    pass
   # Worker processes (grain's, with data.workers > 0) would outlive an
   # os._exit, which skips multiprocessing's own clean-up.
   try:
@@ -105,6 +95,19 @@ def exit_now(line: str, code: int) -> NoReturn:
     for child in multiprocessing.active_children():
       child.terminate()
   except Exception:  # pylint: disable=broad-except
+    pass
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # Closed, or a broken pipe.
+      pass
+  # The line, then the exit at once: other threads (JAX's coordination
+  # client, which logs a peer's loss on its own) get no time to write
+  # after it.
+  try:
+    sys.stderr.write(line + '\n')
+    sys.stderr.flush()
+  except (OSError, ValueError):
     pass
   os._exit(code)  # pylint: disable=protected-access
 
