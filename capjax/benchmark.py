@@ -497,7 +497,10 @@ def bench_input(config, workdir: str | None, workers: list[int],
   from capjax.data import prepare
   from capjax.data import resized
   # pylint: enable=g-import-not-at-top
-  workdir = workdir or tempfile.mkdtemp(prefix='capjax-bench-')
+  if workdir is None:  # The vocabulary's, removed with it.
+    with tempfile.TemporaryDirectory(prefix='capjax-bench-') as temporary:
+      return bench_input(config, temporary, workers, sources, batches,
+                         repeats)
   config = config.copy_and_resolve_references()
   config.unlock()
   config.data.resized_copy = False

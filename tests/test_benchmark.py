@@ -1,6 +1,7 @@
 """`python -m capjax.benchmark`: a smoke run of every part, on CPU."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -64,12 +65,17 @@ def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
 
 def test_input_benchmark_on_photos(tmp_path):
   out = tmp_path / 'bench.json'
+  temp = tmp_path / 'temp'
+  temp.mkdir()
   proc = subprocess.run(
       [sys.executable, '-m', 'capjax.benchmark', '--config=configs/test.py',
        '--what=input', '--photos=12', f'--photos_dir={tmp_path / "photos"}',
        '--workers=0', '--input_batches=1', '--repeats=1', f'--json={out}'],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, TMPDIR=str(temp)))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Its workdir (the vocabulary) went with it.
+  assert not [p for p in os.listdir(temp) if p.startswith('capjax-bench-')]
   rows = {r['source']: r for r in json.loads(out.read_text())['input']}
   # The copy was made (and timed) from 640x480 photos, at 32 px.
   assert rows['copy']['copy_seconds'] > 0
