@@ -53,6 +53,23 @@ def test_coco_config_through_mock_data(tmp_path):
     assert sorted(ids) == [2000, 2001, 2002, 2003]
 
 
+def test_objects_are_read_by_category_name(tmp_path):
+  config = coco_config()
+  with tfds.testing.mock_data(as_data_source_fn=coco_data_source):
+    builder = prepare.prepare(config, str(tmp_path), force=True).builder
+    label = builder.info.features['objects']['label']
+    # Numbered categories (no download has named them) score nothing.
+    assert datasets.objects(builder, 'test') is None
+    names = ['person', 'bicycle', 'car', 'motorcycle'] + [
+        f'category {i}' for i in range(4, label.num_classes)]
+    label.names = names
+    kind, objects, got = datasets.objects(builder, 'test')
+  assert kind == 'categories' and got == names
+  # The mock's one object per image is category 3.
+  assert objects == {3000 + i: ['motorcycle']
+                     for i in range(KARPATHY_SIZES['test'])}
+
+
 def test_unknown_dataset_name():
   config = config_lib.defaults()
   config.data.name = 'cocoo'

@@ -27,6 +27,7 @@ from capjax.data import pipeline
 from capjax.data import prepare
 from capjax.data import tokenizer
 from capjax.errors import UserError
+from capjax.metrics import objects as objects_lib
 from configs import test as test_configs
 from conftest import REPO
 from test_checkpoint import change_bytes
@@ -80,8 +81,19 @@ def test_decode_covers_the_split_once_and_matches_one_device(
   assert saved['metrics'] == metrics and saved['step'] == 6
   assert saved['images'] == len(references)
   assert set(metrics) == {'BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4', 'ROUGE-L',
-                          'CIDEr'}
+                          'CIDEr', 'object_recall', 'novel_pair_recall',
+                          'hallucination'}
   assert all(0 <= v <= 10 for v in metrics.values())
+  # The object metrics of the captions written, against the split's objects
+  # (every test_novel image holds a held-out pair).
+  kind, objects, _ = datasets.objects(data.builder, 'test_novel')
+  assert kind == 'shapes' and set(objects) == set(references)
+  want = objects_lib.score_shapes(
+      {r['image_id']: r['caption'] for r in results}, objects)
+  for name in ('object_recall', 'novel_pair_recall', 'hallucination'):
+    assert metrics[name] == want[name]
+  assert saved['objects']['captions'] == len(references)
+  assert saved['objects']['novel_objects'] >= len(references)
 
   # The same captions as the search on one device, image by image.
   model = models.build_captioner(config.model, len(data.vocab))

@@ -186,6 +186,40 @@ def references(builder: tfds.core.DatasetBuilder,
   return out
 
 
+def objects(builder: tfds.core.DatasetBuilder,
+            split: str) -> tuple[str, dict[int, list], list[str]] | None:
+  """The annotated objects of every image of `split`, for
+  `capjax.metrics.objects`: (kind, image id -> objects, category names).
+
+  'shapes' (a feature with each object's colour and shape): objects are
+  (colour, shape) names. 'categories' (COCO's `label` per object): objects
+  are category names, and the names are every category's. None where the
+  dataset annotates no objects (a user's captions).
+  """
+  features = builder.info.features
+  if 'objects' not in features.keys():
+    return None
+  inner = features['objects'].feature
+  if {'color', 'shape'} <= set(inner.keys()):
+    kind, names = 'shapes', []
+    colors, shapes = inner['color'].names, inner['shape'].names
+    read = lambda o: [(colors[int(c)], shapes[int(s)])
+                      for c, s in zip(o['color'], o['shape'])]
+  elif 'label' in inner.keys():
+    kind, names = 'categories', list(inner['label'].names)
+    if names == [str(i) for i in range(len(names))]:
+      return None  # Numbered, not named (names come with the download).
+    read = lambda o: [names[int(label)] for label in o['label']]
+  else:
+    return None
+  source = without_images(builder, split)
+  out = {}
+  for i in range(len(source)):
+    example = source[i]
+    out[int(example['image/id'])] = read(example['objects'])
+  return kind, out, names
+
+
 def without_images(builder, split: str) -> Sequence[dict]:
   """Random access to `split`'s ids and captions; images left encoded."""
   return data_source(builder, split,

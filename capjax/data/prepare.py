@@ -78,6 +78,11 @@ class Data:
     """Every caption of every image of `split`, by image id."""
     return datasets.references(self.builder, split)
 
+  def objects(self, split: str
+              ) -> tuple[str, dict[int, list], list[str]] | None:
+    """The annotated objects of every image of `split` (`datasets.objects`)."""
+    return datasets.objects(self.builder, split)
+
 
 def build_copy(builder: tfds.core.DatasetBuilder, splits: Sequence[str],
                image_size: int) -> None:

@@ -5,8 +5,9 @@ Each run writes, on process 0, in WORKDIR/decode/:
   <split>_step<STEP>.json          [{"image_id", "caption"}]: the COCO
                                    results format, the official caption
                                    evaluation's input
-  <split>_step<STEP>_metrics.json  BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and
-                                   how they were made
+  <split>_step<STEP>_metrics.json  BLEU-1..4, METEOR, ROUGE-L, CIDEr-D,
+                                   the object metrics where the dataset
+                                   annotates objects, and how they were made
 
 and logs the metrics as `<split>/<metric>`. Every image of the split is
 decoded exactly once across all devices and processes: the batches are
@@ -30,6 +31,7 @@ from capjax import workdir as workdir_lib
 from capjax.data import pipeline
 from capjax.errors import UserError
 from capjax.evaluators import common
+from capjax.metrics import objects as objects_lib
 
 
 def _search(state, batch, *, model, **options):
@@ -122,6 +124,14 @@ class DecodeSplit:
                       f'images of {self.split}: its image ids are not unique')
     metrics = common.score_captions(references, captions,
                                     self._config.decode.meteor)
+    if annotated := self._data.objects(self.split):
+      # Which of the image's objects the captions name, and which they make
+      # up (capjax.metrics.objects).
+      kind, objects, names = annotated
+      object_metrics, counts = objects_lib.score(kind, captions, objects,
+                                                 names)
+      metrics |= object_metrics
+      info = dict(info, objects=counts)
     os.makedirs(workdir_lib.decode_dir(self._workdir), exist_ok=True)
     files.remove_leftovers(workdir_lib.decode_dir(self._workdir))
     where = (self._workdir, self.split, info['step'], self.options.tag())

@@ -436,3 +436,28 @@ def score_coco(captions: Mapping[Hashable, str],
       'mentions': mentions,
       'hallucinated_mentions': wrong,
   }
+
+
+def score(kind: str, captions: Mapping[Hashable, str],
+          objects: Mapping[Hashable, Any], names: Sequence[str] = ()
+          ) -> tuple[dict[str, float], dict[str, int]]:
+  """The evaluator's object metrics and their counts, for the annotations
+  `capjax.data.datasets.objects` reads: `kind` 'shapes' or 'categories'.
+
+  The metrics are shares in [0, 1]; novel-pair recall only where the images
+  hold a held-out pair (shapes' `test_novel`).
+  """
+  if kind == 'shapes':
+    scores = score_shapes(captions, objects)
+    shares = ['object_recall', 'hallucination']
+    if scores['novel_objects']:
+      shares.append('novel_pair_recall')
+  elif kind == 'categories':
+    scores = score_coco(captions, objects, names)
+    shares = ['object_recall', 'hallucination', 'chair_i']
+  else:
+    raise ValueError(f'unknown kind of object annotations: {kind!r}')
+  metrics = {k: float(scores[k]) for k in shares}
+  counts = {k: int(v) for k, v in scores.items() if k not in metrics and
+            isinstance(v, int)}
+  return metrics, counts
