@@ -1,12 +1,14 @@
 """python -m capjax.caption: caption your own images from the command line.
 
     python -m capjax.caption --workdir=runs/shapes photos/ cat.jpg \\
-        [--output=captions.jsonl] [--html=report.html --attention]
+        [--output=captions.jsonl] [--html=report.html --attention] \\
+        [--include="red square|red box" ...]
 
 Captions files, and image files under folders, with the model of a training
 workdir (`capjax.inference`, which is also the Python API). Each input gives
 one JSON line: {"path", "caption", "score", "alternatives": [{"caption",
-"score"}, ...]} or {"path", "error"}. `--html` adds the page of
+"score"}, ...]} (and "satisfied" with --include: whether the caption
+contains every phrase) or {"path", "error"}. `--html` adds the page of
 `capjax.report`. Exit codes: 0 all captioned, 1 some failed (or an output
 could not be written), 2 bad usage (an output path that cannot be written
 included, told before any image is captioned).
@@ -52,6 +54,11 @@ def _define_flags() -> None:
                       'image embedded.')
   flags.DEFINE_bool('attention', False, 'In the HTML report, show where the '
                     'model looked for each word.')
+  flags.DEFINE_multi_string(
+      'include', [], 'A phrase every caption must contain, found by '
+      'constrained beam search; alternatives separated by "|": '
+      '--include="red square|red box". Repeat for more phrases (at most 4; '
+      'each doubles the search).')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -82,7 +89,9 @@ def _captioner(paths: list[str]) -> inference.Captioner:
   return inference.Captioner.from_workdir(
       FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step,
       beam_size=FLAGS.beam_size, max_len=FLAGS.max_len or None,
-      alpha=FLAGS.alpha, batch_size=FLAGS.batch_size)
+      alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
+      include=[[p.strip() for p in phrase.split('|')]
+               for phrase in FLAGS.include])
 
 
 @contextlib.contextmanager

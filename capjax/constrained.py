@@ -341,11 +341,10 @@ def search(step: decode.StepFn, carry: Any, phrases: jax.Array, *,
     done_logprobs = merge(s.done_logprobs,
                           jnp.where(ends, top_logprobs, NEG_INF))
     # A stopped image keeps the results it stopped with.
-    frozen = lambda new, old: jnp.where(
-        s.active.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
-    done_tokens, done_scores, done_logprobs, done_alphas = jax.tree.map(
-        frozen, (done_tokens, done_scores, done_logprobs, done_alphas),
-        (s.done_tokens, s.done_scores, s.done_logprobs, s.done_alphas))
+    done_tokens, done_scores, done_logprobs, done_alphas = (
+        decode.keep_if_stopped(
+            s.active, (done_tokens, done_scores, done_logprobs, done_alphas),
+            (s.done_tokens, s.done_scores, s.done_logprobs, s.done_alphas)))
 
     # Live: each state's W best extensions that did not end. Only <eos>
     # ends before the last position, and only those staying in a state

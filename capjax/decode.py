@@ -163,6 +163,14 @@ def _gather(x: jax.Array, beams: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, index, axis=1)
 
 
+def keep_if_stopped(active: jax.Array, new: Any, old: Any) -> Any:
+  """`new` for the images still searching (active [B]), `old` for the
+  others; leaves with a leading [B] axis."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (o.ndim - 1)), n,
+                             o), new, old)
+
+
 def _repeated_trigram_ban(tokens: jax.Array, t: jax.Array,
                           vocab_size: int) -> jax.Array:
   """bool [B, W, V]: the words that would repeat a trigram of `tokens`.
@@ -278,10 +286,8 @@ def search(step: StepFn, carry: Any, *, batch_size: int, beam_size: int,
                           jnp.where(ends, top_logprobs, NEG_INF))
     # A stopped image keeps the results it stopped with, so that they do not
     # depend on how long the other images of its batch run.
-    frozen = lambda new, old: jnp.where(
-        s.active.reshape((b,) + (1,) * (old.ndim - 1)), new, old)
-    done_tokens, done_scores, done_logprobs, done_alphas = jax.tree.map(
-        frozen, (done_tokens, done_scores, done_logprobs, done_alphas),
+    done_tokens, done_scores, done_logprobs, done_alphas = keep_if_stopped(
+        s.active, (done_tokens, done_scores, done_logprobs, done_alphas),
         (s.done_tokens, s.done_scores, s.done_logprobs, s.done_alphas))
 
     # Live: the W best extensions that did not end. At most W of the 2W end

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import PIL.Image
 
+from capjax import constrained
 from capjax import decode
 from capjax import models
 from capjax import workdir as workdir_lib
@@ -57,6 +58,9 @@ class Result:
   score: float | None = None  # Log-probability / length penalty.
   alternatives: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   error: str | None = None
+  # With phrases to include: whether `caption` contains all of them (False
+  # when no caption that does fitted in max_len).
+  satisfied: bool | None = None
   # The attention of each word of `caption`, and of its <eos> unless it
   # reached max_len: [len(words) (+ 1), g, g].
   attention: np.ndarray | None = None
@@ -72,8 +76,11 @@ class Result:
     "alternatives": [{"caption", "score"}, ...]} or {"path", "error"}."""
     if self.error is not None:
       return {'path': self.path, 'error': self.error}
-    return {'path': self.path, 'caption': self.caption,
-            'score': round(self.score, 4), 'alternatives': self.alternatives}
+    out = {'path': self.path, 'caption': self.caption,
+           'score': round(self.score, 4), 'alternatives': self.alternatives}
+    if self.satisfied is not None:
+      out['satisfied'] = self.satisfied
+    return out
 
 
 def find_images(paths: Iterable[str]) -> list[str]:
@@ -144,12 +151,19 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
 
 
 class Captioner:
-  """A trained captioner, loaded once; `caption` takes paths or pixels."""
+  """A trained captioner, loaded once; `caption` takes paths or pixels.
+
+  `include`: phrases every caption must contain, each a phrase ("a red
+  square") or a list of alternatives (["red square", "red box"]); at most
+  `constrained.MAX_CONSTRAINTS`. The search is then the constrained beam
+  search (`capjax.constrained`), 2^len(include) times the work.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, vocab: vocab_lib.Vocab,
                variables: Any, *, step: int | None = None, beam_size: int = 5,
                max_len: int | None = None, alpha: float = 0.0,
-               batch_size: int = 16, read_threads: int = 8):
+               batch_size: int = 16, read_threads: int = 8,
+               include: Sequence[str | Sequence[str]] = ()):
     if beam_size < 1 or batch_size < 1:
       raise UserError('beam_size and batch_size must be >= 1')
     self.config = config
@@ -164,9 +178,21 @@ class Captioner:
     self._read_threads = read_threads
     model = models.build_captioner(config.model, len(vocab),
                                    config.data.normalization)
-    self._search = jax.jit(functools.partial(
-        decode.beam_search, model, beam_size=beam_size, max_len=self.max_len,
-        alpha=alpha, num_return=beam_size, ban_unk=True))
+    options = dict(beam_size=beam_size, max_len=self.max_len, alpha=alpha,
+                   num_return=beam_size, ban_unk=True)
+    self._phrases = None
+    if include:
+      try:
+        # The same phrases for every image of a batch.
+        self._phrases = jnp.asarray(constrained.encode_constraints(
+            vocab, [list(include)] * batch_size))
+      except ValueError as e:
+        raise UserError(f'cannot include {list(include)}: {e}') from None
+      self._search = jax.jit(functools.partial(
+          constrained.constrained_beam_search, model, **options))
+    else:
+      self._search = jax.jit(functools.partial(decode.beam_search, model,
+                                               **options))
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None,
@@ -222,8 +248,9 @@ class Captioner:
     out = None
     if mask.any():
       # A fixed batch shape (padding rows masked): one compilation.
+      phrases = () if self._phrases is None else (self._phrases,)
       out = jax.device_get(self._search(self.variables, jnp.asarray(batch),
-                                        mask=jnp.asarray(mask)))
+                                        *phrases, mask=jnp.asarray(mask)))
     results = []
     for i, (name, _, pixels, error) in enumerate(loaded):
       if error is not None:
@@ -236,6 +263,8 @@ class Captioner:
           alternatives=[{'caption': c, 'score': round(s, 4)}
                         for c, s in zip(captions[1:], scores[1:])
                         if s > decode.NEG_INF / 2])
+      if self._phrases is not None:
+        result.satisfied = bool(out.satisfied[i, 0])
       if attention:
         # The words and <eos> (none if the caption reached max_len).
         alphas = out.alphas[i, :len(result.words) + 1]  # [steps, P]

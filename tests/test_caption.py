@@ -126,9 +126,13 @@ def test_all_good_exits_0_and_usage_errors_exit_2(trained_workdir, photos,
   good.mkdir()
   shutil.copy(photos / 'a.jpg', good)
   output = tmp_path / 'captions.jsonl'
-  proc = _cli(f'--workdir={trained_workdir}', str(good), f'--output={output}')
+  proc = _cli(f'--workdir={trained_workdir}', str(good), f'--output={output}',
+              '--include=square|squares')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout == '' and len(output.read_text().splitlines()) == 1
+  line = json.loads(output.read_text())
+  assert line['satisfied'] and {'square', 'squares'} & set(
+      line['caption'].split()), line
   (tmp_path / 'untrained').mkdir()
   cases = {
       'give the images or folders': [f'--workdir={trained_workdir}'],

@@ -120,6 +120,25 @@ def test_load_trained(trained_workdir):
                         beam_size=0)
 
 
+def test_included_phrases_are_in_every_caption(trained_workdir):
+  # One word each: the 6-step model reaches them with 2 beams per state
+  # (a longer phrase has no beam of its own while half written; the tests
+  # of capjax.constrained cover phrases of several words).
+  scenes = [_scene(3), _scene(4), _scene(5)]
+  include = ['square', ['star', 'stars']]
+  captioner = inference.Captioner.from_workdir(
+      trained_workdir, beam_size=2, batch_size=2, include=include)
+  results = captioner.caption(scenes)
+  for r in results:
+    assert r.satisfied and 'square' in r.words, r.caption
+    assert {'star', 'stars'} & set(r.words), r.caption
+    assert r.to_json()['satisfied'] is True
+  # A word the model cannot write is refused in one line, before any image.
+  with pytest.raises(UserError, match="'zebra' of the phrase 'a zebra' is "
+                     'not in the vocabulary'):
+    inference.Captioner.from_workdir(trained_workdir, include=['a zebra'])
+
+
 def test_arrays_of_every_layout_across_batches(captioner):
   rgb = _scene(3)
   grey = np.asarray(Image.fromarray(rgb).convert('L'))  # [H, W]
