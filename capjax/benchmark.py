@@ -163,9 +163,12 @@ def _variables(config, workdir: str | None,
                vocab_size: int) -> tuple[Any, Any]:
   """(model, variables): trained if `workdir` is given."""
   if workdir:
-    config, vocab, variables, _ = inference.load_trained(workdir)
+    trained = inference.load_trained(workdir)
     return models.build_captioner(
-        config.model, len(vocab), config.data.normalization), variables
+        trained.config.model, len(trained.vocab),
+        trained.config.data.normalization,
+        trained.concepts.sizes if trained.concepts else (0, 0)
+    ), trained.variables
   model = models.build_captioner(config.model, vocab_size,
                                  config.data.normalization)
   return model, random_variables(config, model)
@@ -667,6 +670,10 @@ def main(argv):
 def run(config) -> dict[str, Any]:
   if FLAGS.json:  # Written at the end: a wrong path is told now.
     files.check_output(FLAGS.json, f'--json={FLAGS.json}')
+  # Synthetic batches have no concepts to learn: these benchmarks time the
+  # captioner, without the concept head (a small MLP on the encoder's grid).
+  config = config.copy_and_resolve_references()
+  config.model.concepts.head = config.decode.concepts = False
   results = {'device': str(jax.devices()[0].device_kind),
              'devices': jax.device_count(), 'backend': jax.default_backend(),
              'jax': jax.__version__, 'dtype': config.model.dtype,

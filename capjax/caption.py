@@ -2,13 +2,14 @@
 
     python -m capjax.caption --workdir=runs/shapes photos/ cat.jpg \\
         [--output=captions.jsonl] [--html=report.html --attention] \\
-        [--include="red square|red box" ...]
+        [--include="red square|red box" ... | --concepts]
 
 Captions files, and image files under folders, with the model of a training
 workdir (`capjax.inference`, which is also the Python API). Each input gives
 one JSON line: {"path", "caption", "score", "alternatives": [{"caption",
 "score"}, ...]} (and "satisfied" with --include: whether the caption
-contains every phrase) or {"path", "error"}. `--html` adds the page of
+contains every phrase; with --concepts also the "concepts" it had to
+name) or {"path", "error"}. `--html` adds the page of
 `capjax.report`. Exit codes: 0 all captioned, 1 some failed (or an output
 could not be written), 2 bad usage (an output path that cannot be written
 included, told before any image is captioned).
@@ -59,6 +60,13 @@ def _define_flags() -> None:
       'constrained beam search; alternatives separated by "|": '
       '--include="red square|red box". Repeat for more phrases (at most 4; '
       'each doubles the search).')
+  flags.DEFINE_bool(
+      'concepts', False, 'Each caption must name the concepts (colour-shape '
+      'pairs, object categories) that the model\'s concept head finds in its '
+      'image; they are listed in the JSON as "concepts". Needs a model '
+      'trained with --config.model.concepts.head=True.')
+  flags.DEFINE_float('concept_threshold', 0.5, 'With --concepts: the least '
+                     'probability of a concept that the caption must name.')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -91,7 +99,8 @@ def _captioner(paths: list[str]) -> inference.Captioner:
       beam_size=FLAGS.beam_size, max_len=FLAGS.max_len or None,
       alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
       include=[[p.strip() for p in phrase.split('|')]
-               for phrase in FLAGS.include])
+               for phrase in FLAGS.include],
+      use_concepts=FLAGS.concepts, concept_threshold=FLAGS.concept_threshold)
 
 
 @contextlib.contextmanager

@@ -133,6 +133,20 @@ def defaults() -> ml_collections.ConfigDict:
   md.hidden_dim = 512  # LSTM state size.
   md.attention_dim = 512  # Size of the additive attention's hidden layer.
   md.dropout = 0.5  # On the deep output layer's input (Xu et al. 2015).
+  # The concept head (capjax.models.concepts): from the encoder's grid, it
+  # predicts what the image shows, trained with the captioner from the
+  # dataset's object annotations (shapes: each object's colour and shape;
+  # COCO: its categories). decode.concepts turns its confident predictions
+  # into phrases the captions must contain.
+  m.concepts = mc = ml_collections.ConfigDict()
+  mc.head = False
+  mc.hidden_dim = 128  # Its hidden layers' width.
+  # Its object classifier reads the encoder's features of the image without
+  # its hues (luma and chroma), so that it tells objects apart by their form
+  # alone; its attribute classifier reads the colour image's. (Without, it
+  # learns the objects of each colour: configs/shapes.py.) Needs images,
+  # not the feature cache.
+  mc.objects_without_hue = False
 
   config.train = t = ml_collections.ConfigDict()
   # 'cross_entropy' (teacher forcing on the reference captions) or 'scst'
@@ -156,6 +170,9 @@ def defaults() -> ml_collections.ConfigDict:
   # on the mean over positions rather than the sum, so that it does not
   # grow with the grid size.
   t.attention_penalty = 1.0
+  # Weight of the concept head's loss (model.concepts.head) beside the
+  # captions' cross-entropy.
+  t.concept_weight = 1.0
   # A trainable encoder (model.encoder.frozen=False) starts learning at this
   # step (optimizer updates), with its own peak learning rate, warm-up and
   # decay, and its own AdamW started then. Before it, the steps run the
@@ -228,6 +245,16 @@ def defaults() -> ml_collections.ConfigDict:
   de.alpha = 0.0  # GNMT length penalty exponent (0: plain log-probability).
   de.ban_unk = True  # Never generate <unk>.
   de.ban_repeated_trigrams = False  # Never repeat a word trigram.
+  # Constrained beam search (Anderson et al. 2017) on the concept head's
+  # confident concepts: each caption must name every concept whose
+  # probability is over concept_threshold (at most 4 an image; see
+  # capjax.constrained). Needs model.concepts.head.
+  de.concepts = False
+  de.concept_threshold = 0.5
+  # Or a JSON file of each image's phrases, {"image id": [phrase, or list of
+  # alternative phrases, ...]}: the captions must contain them (at most 4
+  # an image; images not in it are captioned freely).
+  de.constraints = ''
   # METEOR: 'auto' (the official Java METEOR 1.5 when Java is installed, else
   # nltk's, reported as METEOR_nltk), 'java', 'nltk' or 'none'.
   de.meteor = 'auto'
@@ -248,6 +275,7 @@ _POSITIVE = (
     'decode.beam_size',
     'scst.num_samples', 'scst.max_references', 'model.decoder.embed_dim',
     'model.decoder.hidden_dim', 'model.decoder.attention_dim',
+    'model.concepts.hidden_dim',
 )
 _NOT_NEGATIVE = (
     'data.workers', 'data.min_count', 'model.encoder.grid',
@@ -288,6 +316,18 @@ def check(config: ml_collections.ConfigDict) -> None:
     _check_evaluator(f'evals.{name}', entry)
   best_metric(config)
   _check_features(config)
+  if config.decode.concepts and not config.model.concepts.head:
+    raise UserError('--config.decode.concepts=True needs the concept head: '
+                    'set --config.model.concepts.head=True (and train it)')
+  if config.decode.concepts and config.decode.constraints:
+    raise UserError('--config.decode.concepts and --config.decode.constraints '
+                    'both constrain the captions: choose one')
+  if not 0 < config.decode.concept_threshold < 1:
+    raise UserError(f'--config.decode.concept_threshold='
+                    f'{config.decode.concept_threshold} must be in (0, 1)')
+  if config.train.concept_weight < 0:
+    raise UserError(f'--config.train.concept_weight='
+                    f'{config.train.concept_weight} must be >= 0')
   if config.decode.meteor not in METEOR_MODES:
     raise UserError(f'unknown --config.decode.meteor={config.decode.meteor!r}'
                     f'; choose one of {", ".join(METEOR_MODES)}')
@@ -325,6 +365,11 @@ def _check_features(config: ml_collections.ConfigDict) -> None:
                     "'bfloat16' or 'float32'")
   if not f.use:
     return
+  if config.model.concepts.head and config.model.concepts.objects_without_hue:
+    raise UserError('--config.model.concepts.objects_without_hue=True '
+                    'encodes each image without its hues too, and '
+                    '--config.data.features.use=True stores the colour '
+                    'features only: turn one of them off')
   e, t = config.model.encoder, config.train
   if not e.frozen or t.encoder_from_step:
     how = ('--config.model.encoder.frozen=False' if not e.frozen else

@@ -81,6 +81,7 @@ attention positions, n returned captions per image, K = C * A phrases.
 
 from collections.abc import Sequence
 import functools
+import json
 from typing import Any
 
 import flax
@@ -93,6 +94,8 @@ from capjax import decode
 from capjax.data import tokenizer
 from capjax.data.vocab import BOS, EOS, PAD, UNK, Vocab
 from capjax.decode import NEG_INF
+from capjax.errors import UserError
+from capjax.models import concepts as concept_head
 
 NO_TOKEN = -1  # Pads `phrases` after a phrase's words.
 # At most 2^4 = 16 states: 16 times the work of a plain beam search.
@@ -428,6 +431,28 @@ def constrained_beam_search_features(
                 ban_repeated_trigrams=ban_repeated_trigrams, mask=mask)
 
 
+def concept_phrases(logits: dict[str, jax.Array], phrase_table: jax.Array, *,
+                    threshold: float) -> tuple[jax.Array, jax.Array]:
+  """Constraints from the concept head: each image's confident concepts
+  (`models.concepts.confident`, at most MAX_CONSTRAINTS) and their phrases.
+
+  Args:
+    logits: the concept head's logits of B images.
+    phrase_table: int32 [N, A, L], every concept's phrases
+      (`capjax.concepts.phrase_table`).
+    threshold: the least probability of a concept that becomes a constraint.
+
+  Returns:
+    (concept ids int32 [B, C], -1 for none; `phrases` int32 [B, C, A, L]).
+  """
+  ids = concept_head.confident(logits, threshold=threshold,
+                               k=MAX_CONSTRAINTS)  # [B, C]
+  phrases = jnp.where((ids >= 0)[..., None, None],
+                      phrase_table[jnp.maximum(ids, 0)],
+                      NO_TOKEN)  # [B, C, A, L]
+  return ids, phrases
+
+
 # ----------------------------------------------------------------------------
 # Constraints from text (on the host).
 # ----------------------------------------------------------------------------
@@ -493,6 +518,31 @@ def encode_constraints(
       for k, ids in enumerate(constraint):
         out[i, j, k, :len(ids)] = ids
   return out
+
+
+def load_constraints(path: str, vocab: Vocab
+                     ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+  """Per-image constraints from a JSON file, for the decode job.
+
+  The file maps image ids to their constraints, each a phrase or a list of
+  alternative phrases: {"42": ["red square", ["blue disk", "blue circle"]]}.
+
+  Returns:
+    (image id -> its `phrases` int32 [C, A, L]; the phrases of an image
+    without constraints), all of one shape, so that every batch shares one
+    compiled search. A UserError names the file and what is wrong in it.
+  """
+  try:
+    with open(path, encoding='utf-8') as f:
+      raw = json.load(f)
+    if not isinstance(raw, dict):
+      raise ValueError('expected {"image id": [constraint, ...], ...}')
+    ids = [int(k) for k in raw]
+    phrases = encode_constraints(vocab, list(raw.values()))
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot use the constraints in {path}: {e}') from None
+  empty = np.full(phrases.shape[1:], NO_TOKEN, np.int32)
+  return dict(zip(ids, phrases)), empty
 
 
 def _encode_phrase(vocab: Vocab, phrase: str) -> list[int]:

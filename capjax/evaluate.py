@@ -18,6 +18,7 @@ import ml_collections
 
 from capjax import cache_features
 from capjax import checkpoint as checkpoint_lib
+from capjax import concepts as concepts_lib
 from capjax import config as config_lib
 from capjax import evaluators
 from capjax.evaluators import common as evaluators_common
@@ -35,8 +36,10 @@ class _Job:
     self.workdir = workdir
     self.data = prepare.prepare(config, workdir)
     self.par = parallel.Parallel(config)
-    self.model = models.build_captioner(config.model, len(self.data.vocab),
-                                        config.data.normalization)
+    concepts = concepts_lib.for_run(config, self.data.builder, workdir)
+    self.model = models.build_captioner(
+        config.model, len(self.data.vocab), config.data.normalization,
+        concepts.sizes if concepts else (0, 0))
     self.checkpoints = checkpoint_lib.Checkpoints(
         workdir_lib.checkpoints_dir(workdir), config, create=False)
     self._evaluators = {}  # By feature cache folder (None: images).

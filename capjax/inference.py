@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import PIL.Image
 
+from capjax import concepts as concepts_lib
 from capjax import constrained
 from capjax import decode
 from capjax import models
@@ -58,9 +59,11 @@ class Result:
   score: float | None = None  # Log-probability / length penalty.
   alternatives: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   error: str | None = None
-  # With phrases to include: whether `caption` contains all of them (False
-  # when no caption that does fitted in max_len).
+  # With phrases to include, or concepts: whether `caption` contains all of
+  # them (False when no caption that does fitted in max_len).
   satisfied: bool | None = None
+  # With use_concepts: the concepts the head found ('red square', ...).
+  concepts: list[str] | None = None
   # The attention of each word of `caption`, and of its <eos> unless it
   # reached max_len: [len(words) (+ 1), g, g].
   attention: np.ndarray | None = None
@@ -78,6 +81,8 @@ class Result:
       return {'path': self.path, 'error': self.error}
     out = {'path': self.path, 'caption': self.caption,
            'score': round(self.score, 4), 'alternatives': self.alternatives}
+    if self.concepts is not None:
+      out['concepts'] = self.concepts
     if self.satisfied is not None:
       out['satisfied'] = self.satisfied
     return out
@@ -128,12 +133,26 @@ def _thumbnail(pixels: np.ndarray) -> np.ndarray:
   return np.asarray(image)
 
 
+def _concept_search(model, phrase_table, threshold, variables, images, *,
+                    mask, **options):
+  """The captions of images [B, S, S, 3] that name their confident concepts,
+  and those concepts' ids [B, C] (-1: none)."""
+  features, logits = model.apply(variables, {'image': images},
+                                 method=model.encode_with_concepts)
+  ids, phrases = constrained.concept_phrases(logits, phrase_table,
+                                             threshold=threshold)
+  return constrained.constrained_beam_search_features(
+      model, variables, features, phrases, mask=mask, **options), ids
+
+
 class Trained(NamedTuple):
   """A workdir's model, ready to apply."""
   config: ml_collections.ConfigDict
   vocab: vocab_lib.Vocab
   variables: Any  # {'params', 'batch_stats'}
   step: int
+  # What its concept head predicts (config.model.concepts.head), else None.
+  concepts: concepts_lib.Concepts | None = None
 
 
 def load_trained(workdir: str, step: int | None = None) -> Trained:
@@ -141,13 +160,16 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
   local device."""
   config = workdir_lib.load_config(workdir)
   vocab = workdir_lib.load_vocab(workdir)
+  concepts = (concepts_lib.load(workdir) if config.model.concepts.head
+              else None)
   model = models.build_captioner(config.model, len(vocab),
-                                 config.data.normalization)
+                                 config.data.normalization,
+                                 concepts.sizes if concepts else (0, 0))
   # A damaged step's error names the caption CLI's option for another.
   state, step = workdir_lib.restore_trained(workdir, config, vocab, model,
                                             step=step, step_flag='--step')
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  return Trained(config, vocab, variables, step)
+  return Trained(config, vocab, variables, step, concepts)
 
 
 class Captioner:
@@ -157,13 +179,20 @@ class Captioner:
   square") or a list of alternatives (["red square", "red box"]); at most
   `constrained.MAX_CONSTRAINTS`. The search is then the constrained beam
   search (`capjax.constrained`), 2^len(include) times the work.
+
+  `use_concepts`: each caption must instead name the concepts that the
+  model's concept head finds in its image with a probability over
+  `concept_threshold` (`concepts`: the workdir's); 2^MAX_CONSTRAINTS times
+  the work.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, vocab: vocab_lib.Vocab,
                variables: Any, *, step: int | None = None, beam_size: int = 5,
                max_len: int | None = None, alpha: float = 0.0,
                batch_size: int = 16, read_threads: int = 8,
-               include: Sequence[str | Sequence[str]] = ()):
+               include: Sequence[str | Sequence[str]] = (),
+               concepts: concepts_lib.Concepts | None = None,
+               use_concepts: bool = False, concept_threshold: float = 0.5):
     if beam_size < 1 or batch_size < 1:
       raise UserError('beam_size and batch_size must be >= 1')
     self.config = config
@@ -177,11 +206,27 @@ class Captioner:
       raise UserError(f'max_len={self.max_len} must be >= 2')
     self._read_threads = read_threads
     model = models.build_captioner(config.model, len(vocab),
-                                   config.data.normalization)
+                                   config.data.normalization,
+                                   concepts.sizes if concepts else (0, 0))
     options = dict(beam_size=beam_size, max_len=self.max_len, alpha=alpha,
                    num_return=beam_size, ban_unk=True)
     self._phrases = None
-    if include:
+    self._concepts = None
+    if use_concepts:
+      if include:
+        raise UserError('captions may include given phrases or the concept '
+                        'head\'s concepts, not both')
+      if not model.concepts[1]:
+        raise UserError('this captioner has no concept head: train it with '
+                        '--config.model.concepts.head=True')
+      if not 0 < concept_threshold < 1:
+        raise UserError(f'concept_threshold={concept_threshold} must be in '
+                        '(0, 1)')
+      self._concepts = concepts
+      self._search = jax.jit(functools.partial(
+          _concept_search, model, jnp.asarray(concepts_lib.phrase_table(
+              concepts, vocab)), concept_threshold, **options))
+    elif include:
       try:
         # The same phrases for every image of a batch.
         self._phrases = jnp.asarray(constrained.encode_constraints(
@@ -203,7 +248,7 @@ class Captioner:
     """
     trained = load_trained(workdir, step)
     return cls(trained.config, trained.vocab, trained.variables,
-               step=trained.step, **options)
+               step=trained.step, concepts=trained.concepts, **options)
 
   def caption(self, items: Sequence[Image], *, attention: bool = False,
               keep_pixels: bool = False) -> list[Result]:
@@ -251,6 +296,8 @@ class Captioner:
       phrases = () if self._phrases is None else (self._phrases,)
       out = jax.device_get(self._search(self.variables, jnp.asarray(batch),
                                         *phrases, mask=jnp.asarray(mask)))
+      if self._concepts is not None:
+        out, concept_ids = out  # [B, C]
     results = []
     for i, (name, _, pixels, error) in enumerate(loaded):
       if error is not None:
@@ -263,7 +310,10 @@ class Captioner:
           alternatives=[{'caption': c, 'score': round(s, 4)}
                         for c, s in zip(captions[1:], scores[1:])
                         if s > decode.NEG_INF / 2])
-      if self._phrases is not None:
+      if self._concepts is not None:
+        result.concepts = [self._concepts.name(c) for c in concept_ids[i]
+                           if c >= 0]
+      if self._phrases is not None or self._concepts is not None:
         result.satisfied = bool(out.satisfied[i, 0])
       if attention:
         # The words and <eos> (none if the caption reached max_len).

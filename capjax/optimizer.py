@@ -49,7 +49,8 @@ def make(config: ml_collections.ConfigDict,
          params: Any) -> optax.GradientTransformation:
   """Clip the global norm, then AdamW per part of the model.
 
-  `params` is the captioner's {'encoder': ..., 'decoder': ...}. A frozen
+  `params` is the captioner's {'encoder': ..., 'decoder': ...} (and its
+  'concept_head', which learns as the decoder does). A frozen
   encoder gets `set_to_zero`, which keeps no optimizer state at all; one
   fine-tuned from train.encoder_from_step gets updates from then on.
   """
@@ -75,7 +76,8 @@ def make(config: ml_collections.ConfigDict,
     parts['encoder'] = optax.transforms.conditionally_mask(
         adamw(lambda count: schedule(count + start)),
         lambda count: count >= start)
-  labels = {name: jax.tree.map(lambda _, n=name: n, subtree)
+  labels = {name: jax.tree.map(
+      lambda _, n=('encoder' if name == 'encoder' else 'decoder'): n, subtree)
             for name, subtree in params.items()}
   tx = optax.multi_transform(parts, labels)
   if t.grad_clip_norm:

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from capjax import checkpoint as checkpoint_lib
+from capjax import concepts as concepts_lib
 from capjax import models
 from capjax import objectives
 from capjax import optimizer
@@ -41,6 +42,8 @@ class Start:
   state: state_lib.TrainState
   step: int  # 0, or the step of the checkpoint restored.
   step_rng: jax.Array  # What the train steps fold the step into.
+  # What the concept head predicts (config.model.concepts.head), else None.
+  concepts: concepts_lib.Concepts | None = None
 
 
 def _copy_vocab(source_workdir: str, workdir: str) -> None:
@@ -65,8 +68,10 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
   data = prepare.prepare(config, workdir)
   par = parallel.Parallel(config)
   objective = objectives.make(config, data)
-  model = models.build_captioner(config.model, len(data.vocab),
-                                 config.data.normalization)
+  concepts = concepts_lib.for_run(config, data.builder, workdir)
+  model = models.build_captioner(
+      config.model, len(data.vocab), config.data.normalization,
+      concepts.sizes if concepts else (0, 0))
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   # Traced once: its output shapes are what a checkpoint restores into, and
   # a fresh run compiles the same trace.
@@ -106,4 +111,4 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
                       out_shardings=par.replicated)(init_rng, encoder_weights)
   return Start(data=data, par=par, objective=objective, model=model, tx=tx,
                meta=meta, checkpoints=checkpoints, state=state, step=step,
-               step_rng=step_rng)
+               step_rng=step_rng, concepts=concepts)

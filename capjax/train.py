@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from capjax import cache_features
+from capjax import concepts as concepts_lib
 from capjax import evaluators
 from capjax import optimizer
 from capjax import preemption as preemption_lib
@@ -90,9 +91,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     # From the feature cache of this state's encoder, when it is used.
     data = cache_features.attach(config, data, model, state, par)
+    targets = None
+    if begun.concepts:  # What the concept head learns, by image id.
+      targets = concepts_lib.targets(data.builder, config.data.train_split,
+                                     begun.concepts)
     train_iter = iter(pipeline.train_dataset(
         config, data.source(config.data.train_split), data.vocab,
-        references=objective.references))
+        references=objective.references, concepts=targets))
     if start:
       checkpoints.restore_data(start, train_iter)
   except BaseException:

@@ -3,6 +3,8 @@
   WORKDIR/
     config.json    the config the model was trained with (`write_config`)
     vocab.json     the vocabulary: token ids for the life of the workdir
+    concepts.json  what the concept head predicts, if the model has one
+                   (`capjax.concepts`)
     checkpoints/   orbax steps: state, data position, model metadata
     decode/        the decode job's results, metrics and TensorBoard logs
     train.lock     held by the one trainer (`lock`)

@@ -20,7 +20,7 @@ A batch holds every caption of an image next to it (`[batch, K, len]`), so
 the encoder runs once per image however many captions train on it.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 import functools
 
@@ -43,6 +43,8 @@ class Preprocess:
   captions_per_image: int
   max_len: int
   references: int = 0  # R > 0: also every caption of the image, [R, L].
+  # Image id -> the concept head's targets (`capjax.concepts.targets`).
+  concepts: Mapping[int, dict[str, np.ndarray]] | None = None
 
   def __call__(self, example: dict, rng: np.random.Generator | None) -> dict:
     """With `rng`, K captions are sampled; without, the first K are taken.
@@ -70,6 +72,8 @@ class Preprocess:
       kept = texts[:self.references]
       out['references'][:len(kept)] = self.vocab.encode_batch(kept,
                                                               self.max_len)
+    if self.concepts is not None:
+      out |= self.concepts[int(example['image/id'])]
     return out | {
         'captions': self.vocab.encode_batch(  # [K, L]
             [texts[i] for i in picks], self.max_len),
@@ -88,10 +92,10 @@ def pixels(example: dict, image_size: int) -> np.ndarray:
 
 
 def _preprocess(config: ml_collections.ConfigDict, vocab: Vocab,
-                references: int = 0) -> Preprocess:
+                references: int = 0, concepts=None) -> Preprocess:
   d = config.data
   return Preprocess(vocab, d.image_size, d.captions_per_image, d.max_len,
-                    references)
+                    references, concepts)
 
 
 def process_batch_size(config: ml_collections.ConfigDict,
@@ -114,6 +118,7 @@ def _finish(ds: grain.MapDataset, config) -> grain.IterDataset:
 
 def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
                   vocab: Vocab, *, references: int = 0,
+                  concepts: Mapping[int, dict[str, np.ndarray]] | None = None,
                   process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
   """Endless shuffled batches: this process's share of each global batch.
@@ -123,7 +128,8 @@ def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
   `image/id` [b] int64, `mask` [b] bool (all true), with b the per-process
   batch size; with `references` R > 0 (what the objective asks for) also
   `references` [b, R, L], every caption of each image (up to R, then rows
-  of <pad>). Process p's batch i
+  of <pad>); with `concepts` (image id -> `capjax.concepts.targets`) also
+  those targets, [b, ...] each. Process p's batch i
   is rows p*b..(p+1)*b-1 of global batch i, so N processes train on exactly
   the batches one process would.
   """
@@ -139,7 +145,7 @@ def train_dataset(config: ml_collections.ConfigDict, source: Sequence[dict],
   # of processes: every process shuffles alike, and takes its own contiguous
   # block of each global batch. Grain computes only the blocks it reads.
   ds = ds.shuffle(seed=config.seed).repeat()  # Reshuffled every epoch.
-  ds = ds.random_map(_preprocess(config, vocab, references),
+  ds = ds.random_map(_preprocess(config, vocab, references, concepts),
                      seed=config.seed)
   ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
   return _finish(ds, config)

@@ -4,6 +4,7 @@ process 0, and agreeing on its results."""
 from collections.abc import Callable, Mapping
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -11,6 +12,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from capjax import constrained
 from capjax import decode
 from capjax import files
 from capjax import metrics as metrics_lib
@@ -30,10 +32,21 @@ class SearchOptions:
   alpha: float = 0.0
   ban_unk: bool = True
   ban_repeated_trigrams: bool = False
+  # Constrained to the concept head's confident concepts, or to the phrases
+  # a file gives each image (config.decode).
+  concepts: bool = False
+  concept_threshold: float = 0.5
+  constraints: str = ''
 
   def __post_init__(self):
     if self.beam_size < 1:
       raise UserError(f'beam_size={self.beam_size} must be >= 1')
+
+  def search_kwargs(self) -> dict[str, Any]:
+    """The options `decode.search` (and the constrained one) take."""
+    return dict(beam_size=self.beam_size, alpha=self.alpha,
+                ban_unk=self.ban_unk,
+                ban_repeated_trigrams=self.ban_repeated_trigrams)
 
   def tag(self) -> str:
     """The options in a file name: 'beam3', 'beam5-alpha0.6-no3rep-unk'.
@@ -47,6 +60,12 @@ class SearchOptions:
       parts.append('no3rep')
     if not self.ban_unk:
       parts.append('unk')
+    if self.concepts:
+      parts.append('concepts' if self.concept_threshold == 0.5 else
+                   f'concepts{self.concept_threshold:g}')
+    if self.constraints:
+      name = os.path.splitext(os.path.basename(self.constraints))[0]
+      parts.append(f'include-{name}')
     return '-'.join(parts)
 
   @classmethod
@@ -58,19 +77,33 @@ class SearchOptions:
 
 def search_rows(model, variables, batch: Mapping[str, jax.Array], *,
                 max_len: int, options: SearchOptions,
-                features: jax.Array | None = None) -> dict[str, jax.Array]:
+                features: jax.Array | None = None,
+                phrase_table: jax.Array | None = None
+                ) -> dict[str, jax.Array]:
   """Per device: the best caption of each image of `batch`, as rows.
 
-  From `features` [b, P, C] when the caller has encoded the batch already.
+  From `features` [b, P, C] when the caller has encoded the batch already
+  (not with `options.concepts`). With `options.concepts`, each caption must name the image's confident
+  concepts, whose phrases `phrase_table` holds (`concepts.phrase_table`);
+  where the batch has `phrases` [b, C, A, L], it must contain those.
   The ids and the mask travel with the captions, so that rows and ids match
   whatever order the devices' shards are gathered in.
   """
-  search = dict(max_len=max_len, mask=batch['mask'],
-                **dataclasses.asdict(options))
-  if features is None:  # From the batch's pixels or cached features.
+  search = dict(max_len=max_len, mask=batch['mask'], **options.search_kwargs())
+  phrases = batch.get('phrases')  # [b, C, A, L]
+  if options.concepts:
+    features, logits = model.apply(variables, batch,
+                                   method=model.encode_with_concepts)
+    _, phrases = constrained.concept_phrases(
+        logits, phrase_table, threshold=options.concept_threshold)
+  elif features is None:  # From the batch's pixels or cached features.
     features = model.apply(variables, batch,
                            method=model.encode_batch)  # [b, P, C]
-  out = decode.beam_search_features(model, variables, features, **search)
+  if phrases is None:
+    out = decode.beam_search_features(model, variables, features, **search)
+  else:
+    out = constrained.constrained_beam_search_features(
+        model, variables, features, phrases, **search)
   return {'tokens': out.tokens[:, 0],  # [b, T]
           'image/id': batch['image/id'], 'mask': batch['mask']}
 

@@ -23,7 +23,10 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
+from capjax import concepts as concepts_lib
+from capjax import constrained
 from capjax import files
 from capjax import metrics as metrics_lib
 from capjax import parallel
@@ -34,10 +37,11 @@ from capjax.evaluators import common
 from capjax.metrics import objects as objects_lib
 
 
-def _search(state, batch, *, model, **options):
+def _search(state, batch, phrase_table, *, model, **options):
   """Per device: the best caption of each image of `batch`."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  return common.search_rows(model, variables, batch, **options)
+  return common.search_rows(model, variables, batch,
+                            phrase_table=phrase_table, **options)
 
 
 @functools.cache
@@ -64,6 +68,14 @@ class DecodeSplit:
     self._data = data
     self._workdir = workdir
     self.options = common.SearchOptions.of(config.decode)
+    self._phrase_table = None
+    if self.options.concepts:  # The phrases of the head's concepts.
+      self._phrase_table = concepts_lib.phrase_table(
+          concepts_lib.for_run(config, data.builder, workdir), data.vocab)
+    self._constraints = None
+    if self.options.constraints:  # Each image's phrases, from a file.
+      self._constraints = constrained.load_constraints(
+          self.options.constraints, data.vocab)
     self._search = _compiled_search(par, model, config.data.max_len,
                                     self.options)
 
@@ -92,7 +104,12 @@ class DecodeSplit:
     for batch in batches:
       rows = {k: batch[k] for k in ('image', 'features', 'image/id', 'mask')
               if k in batch}
-      out = self._par.fetch(self._search(state, self._par.put_batch(rows)))
+      if self._constraints is not None:
+        phrases, none = self._constraints
+        rows['phrases'] = np.stack([phrases.get(int(i), none)
+                                    for i in batch['image/id']])
+      out = self._par.fetch(self._search(state, self._par.put_batch(rows),
+                                         self._phrase_table))
       captions.update(common.captions_of(out, self._data.vocab))
       if stop and stop():
         raise common.Interrupted(self.name)

@@ -62,8 +62,10 @@ class Validation:
     # Scoring happens on process 0 alone, so only it reads the references.
     self._references = (data.references(self.split)
                         if jax.process_index() == 0 else None)
+    # The captioner's own captions, unconstrained: what training improves.
     options = common.SearchOptions.of(config.decode,
-                                      beam_size=settings.beam_size)
+                                      beam_size=settings.beam_size,
+                                      concepts=False, constraints='')
     self._step = par.map(functools.partial(
         _validate, model=model, config=config, options=options))
 

@@ -195,6 +195,15 @@ def named_pairs(caption: str) -> list[Pair]:
   return pairs
 
 
+def pair_phrases(color: str, shape: str) -> list[str]:
+  """Every phrase of the grammar's words that `named_pairs` reads as naming
+  (color, shape), colour next to noun: ('red', 'circle') -> ['red circle',
+  'red circles', 'red disk', 'red disks']. A shape the grammar lacks gets
+  its name and plural."""
+  forms = scenes._SHAPE_WORDS.get(shape, [(shape, _plural(shape))])
+  return [f'{color} {noun}' for nouns in forms for noun in nouns]
+
+
 # ----------------------------------------------------------------------------
 # Scores on `shapes`.
 # ----------------------------------------------------------------------------
@@ -344,6 +353,13 @@ def _coco_forms(names: tuple[str, ...]) -> dict[tuple[str, ...], str]:
     for form in _IRREGULAR.get(last, (last, _plural(last))):
       forms[tuple(head + [form])] = name
   return forms
+
+
+def category_phrases(name: str) -> list[str]:
+  """The forms of a category's name that `coco_mentions` reads as it:
+  'person' -> ['person', 'persons', 'people'], 'hot dog' -> ['hot dog',
+  'hot dogs']."""
+  return [' '.join(words) for words in _coco_forms((name,))]
 
 
 def coco_mentions(caption: str, names: Sequence[str]) -> list[str]:

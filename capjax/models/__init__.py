@@ -36,11 +36,14 @@ def compute_dtype(name: str) -> Any:
 
 
 def build_captioner(model_config: ml_collections.ConfigDict, vocab_size: int,
-                    normalization: str = 'imagenet') -> CaptionModel:
+                    normalization: str = 'imagenet',
+                    concepts: tuple[int, int] = (0, 0)) -> CaptionModel:
   """The `CaptionModel` that config.model describes, for `vocab_size` words.
 
   `normalization` is config.data.normalization: how the encoder's pretrained
-  weights expect pixels ('imagenet' or 'caffe').
+  weights expect pixels ('imagenet' or 'caffe'). `concepts` are the sizes
+  of the dataset's concepts (`capjax.concepts.Concepts.sizes`), for the
+  concept head of config.model.concepts.head.
   """
   encoder, decoder = model_config.encoder, model_config.decoder
   dtype = compute_dtype(model_config.dtype)
@@ -49,6 +52,11 @@ def build_captioner(model_config: ml_collections.ConfigDict, vocab_size: int,
                     f'choose one of {", ".join(captioner_lib.NORMALIZATIONS)}')
   # Fail here, before any tracing, on an unknown arch.
   resnet.feature_dim(encoder.arch)
+  head = model_config.concepts
+  if head.head and not concepts[1]:
+    raise UserError('--config.model.concepts.head=True needs a dataset that '
+                    'annotates its images\' objects (shapes, or COCO with its '
+                    'category names); set it to False')
   return CaptionModel(
       vocab_size=vocab_size,
       arch=encoder.arch,
@@ -61,4 +69,7 @@ def build_captioner(model_config: ml_collections.ConfigDict, vocab_size: int,
       attention_dim=decoder.attention_dim,
       dropout_rate=decoder.dropout,
       dtype=dtype,
-      normalization=normalization)
+      normalization=normalization,
+      concepts=tuple(concepts) if head.head else (0, 0),
+      concept_hidden=head.hidden_dim,
+      concept_without_hue=head.objects_without_hue)

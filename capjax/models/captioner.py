@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from capjax.models import concepts as concepts_lib
 from capjax.models import decoder as decoder_lib
 from capjax.models import resnet
 
@@ -66,6 +67,21 @@ def normalize(images: Array, method: str) -> Array:
   raise ValueError(f'unknown normalization {method!r}')
 
 
+def without_hue(images: Array) -> Array:
+  """Pixels [..., 3] -> the same without their hues: each pixel's luma
+  (ITU-R BT.601) and, twice, its chroma (the largest of its R, G, B less
+  the smallest), float32.
+
+  What the object classifier of a concept head with `concept_without_hue` sees: a
+  form with any colour looks alike. Luma alone would lose a coloured form on
+  a background of its brightness; chroma keeps it.
+  """
+  images = images.astype(jnp.float32)
+  luma = images @ jnp.array([0.299, 0.587, 0.114])
+  chroma = jnp.max(images, axis=-1) - jnp.min(images, axis=-1)
+  return jnp.stack([luma, chroma, chroma], axis=-1)
+
+
 class CaptionModel(nn.Module):
   """ResNet encoder + soft-attention LSTM decoder.
 
@@ -83,6 +99,14 @@ class CaptionModel(nn.Module):
     dtype: the compute dtype; parameters stay float32.
     normalization: how pixels become the encoder's input, as its pretrained
       weights expect: 'imagenet' (torchvision, timm) or 'caffe' (Keras).
+    concepts: (A, O), the sizes of the concept head (`models.concepts`):
+      A attributes and O objects ('pairs'), or A = 0 and O categories
+      ('labels'); (0, 0): no head.
+    concept_hidden: the concept head's hidden width.
+    concept_without_hue: the concept head's object classifier reads the encoding of
+      the image without its hues (`without_hue`), so that it tells shapes
+      apart without their colours; the attribute classifier reads the colour
+      image's. Needs pixels, not cached features.
   """
 
   vocab_size: int
@@ -98,6 +122,9 @@ class CaptionModel(nn.Module):
   dtype: Dtype = jnp.float32
   normalization: str = 'imagenet'
   unroll: int | bool = 1  # The decoder's (see `Decoder.unroll`).
+  concepts: tuple[int, int] = (0, 0)
+  concept_hidden: int = 128
+  concept_without_hue: bool = False
 
   def setup(self):
     self.encoder = resnet.build(self.arch, variant=self.variant,
@@ -108,6 +135,10 @@ class CaptionModel(nn.Module):
             hidden_dim=self.hidden_dim, attention_dim=self.attention_dim,
             dropout_rate=self.dropout_rate, dtype=self.dtype),
         unroll=self.unroll)
+    self.concept_head = None
+    if self.concepts[1]:
+      self.concept_head = concepts_lib.ConceptHead(
+          *self.concepts, hidden_dim=self.concept_hidden, dtype=self.dtype)
 
   def encode_grid(self, images: Array, train: bool = False) -> Array:
     """images [B, S, S, 3] (pixels, 0..255) -> the grid [B, h, w, C].
@@ -160,6 +191,8 @@ class CaptionModel(nn.Module):
       the attention weights alphas [B, K, L-1, P] float32.
     """
     features = self.encode(images, train)  # [B, P, C], once per image
+    if self.concept_head is not None and self.is_initializing():
+      self.concept_head(features, features)  # Its parameters, too.
     return self.teacher_forcing(features, captions, train)
 
   def caption_batch(self, batch: dict[str, Array],
@@ -168,6 +201,40 @@ class CaptionModel(nn.Module):
     or cached `features` (see `encode_batch`)."""
     return self.teacher_forcing(self.encode_batch(batch, train),
                                 batch['captions'], train)
+
+  def caption_batch_and_concepts(
+      self, batch: dict[str, Array], train: bool = False
+  ) -> tuple[Array, Array, dict[str, Array]]:
+    """`caption_batch` and the concept head's logits, of one encoding of
+    the batch (`encode_with_concepts`)."""
+    features, concepts = self.encode_with_concepts(batch, train)
+    return (*self.teacher_forcing(features, batch['captions'], train),
+            concepts)
+
+  def encode_with_concepts(self, batch: dict[str, Array], train: bool = False
+                           ) -> tuple[Array, dict[str, Array]]:
+    """A batch's features [B, P, C] (`encode_batch`) and the concept
+    head's logits (`models.concepts.ConceptHead`).
+
+    With `concept_without_hue`, the images with and without hues are encoded
+    together,
+    as one batch [2B, ...]: BatchNorm then sees the same mixture in every
+    training step, and its running statistics are that mixture's.
+    """
+    if self.concept_head is None:
+      raise ValueError('this model has no concept head '
+                       '(config.model.concepts.head)')
+    if not self.concept_without_hue:
+      features = self.encode_batch(batch, train)  # [B, P, C]
+      return features, self.concept_head(features)
+    if 'image' not in batch:
+      raise ValueError('a concept head that reads images without hues '
+                       'needs the pixels, not cached features')
+    images = batch['image']  # [B, S, S, 3]
+    both = self.encode(jnp.concatenate([images, without_hue(images)]),
+                       train)  # [2B, P, C]
+    features, hueless = jnp.split(both, 2)
+    return features, self.concept_head(features, hueless)
 
   def teacher_forcing(self, features: Array, captions: Array,
                       train: bool = False) -> tuple[Array, Array]:

@@ -13,6 +13,7 @@ import optax
 from capjax import losses
 from capjax import parallel
 from capjax import state as state_lib
+from capjax.models import concepts as concepts_lib
 from capjax.objectives import common
 
 
@@ -50,19 +51,24 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
                            jax.lax.axis_index(parallel.AXIS))
   num_devices = jax.lax.psum(1, parallel.AXIS)
   bn_trains = _bn_trains(model)
+  concepts = bool(model.concepts[1])  # Also train the concept head.
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    (logits, alphas), updates = model.apply(
-        variables, batch, train=True, method=model.caption_batch,
+    method = model.caption_batch_and_concepts if concepts else (
+        model.caption_batch)
+    outputs, updates = model.apply(
+        variables, batch, train=True, method=method,
         rngs={'dropout': rng}, mutable=['batch_stats'] if bn_trains else [])
+    logits, alphas = outputs[:2]
     sums = losses.caption_losses(logits, batch['captions'], alphas,
                                  batch['mask'], t.label_smoothing)
-    totals = jax.lax.psum({k: sums[k] for k in ('tokens', 'captions')},
-                          parallel.AXIS)
+    if concepts:
+      sums |= concepts_lib.losses(outputs[2], batch, batch['mask'])
+    counts = [k for k in ('tokens', 'captions', 'concept_images') if k in sums]
+    totals = jax.lax.psum({k: sums[k] for k in counts}, parallel.AXIS)
     # pmean of the gradients of (n * local share) = gradient of the total.
-    loss = num_devices * losses.caption_loss(sums, t.attention_penalty,
-                                             totals)
+    loss = num_devices * _loss(sums, t, totals)
     return loss, (sums, updates)
 
   grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -72,7 +78,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   if bn_trains:
     # Each device normalised its own share; keep one average of the stats.
     batch_stats = jax.lax.pmean(updates['batch_stats'], parallel.AXIS)
-  loss = losses.caption_loss(sums, t.attention_penalty)
+  loss = _loss(sums, t)
   state, grad_norm, finite = state_lib.apply_gradients(state, grads, loss, tx,
                                                        batch_stats)
   metrics = {
@@ -82,4 +88,18 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
       'token_accuracy': sums['correct'] / sums['tokens'],
       'grad_norm': grad_norm, 'nonfinite': ~finite,
   }
+  if concepts:
+    metrics['concept_loss'] = sums['concept'] / sums['concept_images']
+    metrics['concept_accuracy'] = sums['concept_correct'] / sums[
+        'concept_total']
   return state, metrics
+
+
+def _loss(sums, t: ml_collections.ConfigDict, totals=None) -> jax.Array:
+  """The captions' loss (`losses.caption_loss`), plus the concept head's
+  weighted by train.concept_weight where the sums have it."""
+  totals = sums if totals is None else totals
+  loss = losses.caption_loss(sums, t.attention_penalty, totals)
+  if 'concept' in sums:
+    loss += t.concept_weight * sums['concept'] / totals['concept_images']
+  return loss
