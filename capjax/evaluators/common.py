@@ -83,9 +83,10 @@ def search_rows(model, variables, batch: Mapping[str, jax.Array], *,
   """Per device: the best caption of each image of `batch`, as rows.
 
   From `features` [b, P, C] when the caller has encoded the batch already
-  (not with `options.concepts`). With `options.concepts`, each caption must name the image's confident
-  concepts, whose phrases `phrase_table` holds (`concepts.phrase_table`);
-  where the batch has `phrases` [b, C, A, L], it must contain those.
+  (not with `options.concepts`). With `options.concepts`, each caption
+  must name the image's confident concepts, whose phrases `phrase_table`
+  holds (`concepts.phrase_table`); where the batch has `phrases`
+  [b, C, A, L], it must contain those.
   The ids and the mask travel with the captions, so that rows and ids match
   whatever order the devices' shards are gathered in.
   """

@@ -72,9 +72,9 @@ def without_hue(images: Array) -> Array:
   (ITU-R BT.601) and, twice, its chroma (the largest of its R, G, B less
   the smallest), float32.
 
-  What the object classifier of a concept head with `concept_without_hue` sees: a
-  form with any colour looks alike. Luma alone would lose a coloured form on
-  a background of its brightness; chroma keeps it.
+  What the object classifier of a concept head with `concept_without_hue`
+  sees: a form looks alike in any colour. Luma alone would lose a coloured
+  form on a background of its brightness; chroma keeps it.
   """
   images = images.astype(jnp.float32)
   luma = images @ jnp.array([0.299, 0.587, 0.114])
@@ -103,10 +103,10 @@ class CaptionModel(nn.Module):
       A attributes and O objects ('pairs'), or A = 0 and O categories
       ('labels'); (0, 0): no head.
     concept_hidden: the concept head's hidden width.
-    concept_without_hue: the concept head's object classifier reads the encoding of
-      the image without its hues (`without_hue`), so that it tells shapes
-      apart without their colours; the attribute classifier reads the colour
-      image's. Needs pixels, not cached features.
+    concept_without_hue: the concept head's object classifier reads the
+      encoding of the image without its hues (`without_hue`), so that it
+      tells shapes apart without their colours; the attribute classifier
+      reads the colour image's. Needs pixels, not cached features.
   """
 
   vocab_size: int
@@ -216,10 +216,10 @@ class CaptionModel(nn.Module):
     """A batch's features [B, P, C] (`encode_batch`) and the concept
     head's logits (`models.concepts.ConceptHead`).
 
-    With `concept_without_hue`, the images with and without hues are encoded
-    together,
-    as one batch [2B, ...]: BatchNorm then sees the same mixture in every
-    training step, and its running statistics are that mixture's.
+    With `concept_without_hue`, the images with and without hues are
+    encoded together, as one batch [2B, ...]: BatchNorm then sees the same
+    mixture in every training step, and its running statistics are that
+    mixture's.
     """
     if self.concept_head is None:
       raise ValueError('this model has no concept head '

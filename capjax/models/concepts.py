@@ -33,7 +33,7 @@ class ConceptHead(nn.Module):
     num_attributes: A, the attribute classes of a 'pairs' head; 0 makes a
       'labels' head.
     num_objects: O, the object classes (or categories).
-    hidden_dim: the width of its hidden layer.
+    hidden_dim: the width of its hidden layers.
     dtype: the compute dtype.
   """
   num_attributes: int
