@@ -431,26 +431,31 @@ def constrained_beam_search_features(
                 ban_repeated_trigrams=ban_repeated_trigrams, mask=mask)
 
 
-def concept_phrases(logits: dict[str, jax.Array], phrase_table: jax.Array, *,
-                    threshold: float) -> tuple[jax.Array, jax.Array]:
-  """Constraints from the concept head: each image's confident concepts
-  (`models.concepts.confident`, at most MAX_CONSTRAINTS) and their phrases.
+def concept_beam_search(
+    model: nn.Module, variables, batch: dict[str, jax.Array],
+    phrase_table: jax.Array, *, threshold: float, **search
+) -> tuple[ConstrainedCaptions, jax.Array]:
+  """The captions of a batch that name each image's confident concepts.
 
-  Args:
-    logits: the concept head's logits of B images.
-    phrase_table: int32 [N, A, L], every concept's phrases
-      (`capjax.concepts.phrase_table`).
-    threshold: the least probability of a concept that becomes a constraint.
+  The concept head's most likely concepts over `threshold`
+  (`models.concepts.confident`, at most MAX_CONSTRAINTS an image) become
+  the constraints, met by any of their phrases in `phrase_table` (int32
+  [N, A, L], `capjax.concepts.phrase_table`). `batch` holds the `image`
+  pixels (or cached `features`, for a head that reads the colour image
+  alone); `search` are `search`'s options (beam_size, max_len, mask, ...).
 
   Returns:
-    (concept ids int32 [B, C], -1 for none; `phrases` int32 [B, C, A, L]).
+    (the captions, the concept ids int32 [B, C], -1 for none).
   """
+  features, logits = model.apply(variables, batch,
+                                 method=model.encode_with_concepts)
   ids = concept_head.confident(logits, threshold=threshold,
                                k=MAX_CONSTRAINTS)  # [B, C]
   phrases = jnp.where((ids >= 0)[..., None, None],
                       phrase_table[jnp.maximum(ids, 0)],
                       NO_TOKEN)  # [B, C, A, L]
-  return ids, phrases
+  return constrained_beam_search_features(model, variables, features,
+                                          phrases, **search), ids
 
 
 # ----------------------------------------------------------------------------

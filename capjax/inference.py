@@ -135,14 +135,10 @@ def _thumbnail(pixels: np.ndarray) -> np.ndarray:
 
 def _concept_search(model, phrase_table, threshold, variables, images, *,
                     mask, **options):
-  """The captions of images [B, S, S, 3] that name their confident concepts,
-  and those concepts' ids [B, C] (-1: none)."""
-  features, logits = model.apply(variables, {'image': images},
-                                 method=model.encode_with_concepts)
-  ids, phrases = constrained.concept_phrases(logits, phrase_table,
-                                             threshold=threshold)
-  return constrained.constrained_beam_search_features(
-      model, variables, features, phrases, mask=mask, **options), ids
+  """`constrained.concept_beam_search` of images [B, S, S, 3]."""
+  return constrained.concept_beam_search(
+      model, variables, {'image': images}, phrase_table, threshold=threshold,
+      mask=mask, **options)
 
 
 class Trained(NamedTuple):

@@ -91,20 +91,19 @@ def search_rows(model, variables, batch: Mapping[str, jax.Array], *,
   whatever order the devices' shards are gathered in.
   """
   search = dict(max_len=max_len, mask=batch['mask'], **options.search_kwargs())
-  phrases = batch.get('phrases')  # [b, C, A, L]
   if options.concepts:
-    features, logits = model.apply(variables, batch,
-                                   method=model.encode_with_concepts)
-    _, phrases = constrained.concept_phrases(
-        logits, phrase_table, threshold=options.concept_threshold)
-  elif features is None:  # From the batch's pixels or cached features.
-    features = model.apply(variables, batch,
-                           method=model.encode_batch)  # [b, P, C]
-  if phrases is None:
-    out = decode.beam_search_features(model, variables, features, **search)
+    out, _ = constrained.concept_beam_search(
+        model, variables, batch, phrase_table,
+        threshold=options.concept_threshold, **search)
   else:
-    out = constrained.constrained_beam_search_features(
-        model, variables, features, phrases, **search)
+    if features is None:  # From the batch's pixels or cached features.
+      features = model.apply(variables, batch,
+                             method=model.encode_batch)  # [b, P, C]
+    if 'phrases' in batch:  # [b, C, A, L]
+      out = constrained.constrained_beam_search_features(
+          model, variables, features, batch['phrases'], **search)
+    else:
+      out = decode.beam_search_features(model, variables, features, **search)
   return {'tokens': out.tokens[:, 0],  # [b, T]
           'image/id': batch['image/id'], 'mask': batch['mask']}
 
