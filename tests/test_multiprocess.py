@@ -1,9 +1,9 @@
-"""A real multi-process job: 2 processes x 4 CPU devices, gloo collectives.
+"""A real multi-process job: 2 processes x 2 CPU devices, gloo collectives.
 
 The job is started by launch/local_multiprocess.sh, over loopback, and must
 train and decode exactly as 1 process x 8 devices (the tests' own, in this
-process) with the same global batch; then it resumes from its own
-checkpoint. Every process runs in its own process group, killed when the
+process) with the same global batch, 2 images a device against 1; then it
+resumes from its own checkpoint. Every process runs in its own process group, killed when the
 test ends, also when it fails.
 """
 
@@ -63,10 +63,10 @@ def _run(cmd, env):
   return out, err
 
 
-def _job(workdir, data_dir, steps, extra=(), devices=4):
-  """The job on 2 processes of `devices` CPU devices each, by the launcher."""
+def _job(workdir, data_dir, steps, extra=()):
+  """The job on 2 processes of 2 CPU devices each, by the launcher."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', NUM_PROCESSES='2',
-             DEVICES_PER_PROCESS=str(devices), PYTHON=sys.executable)
+             DEVICES_PER_PROCESS='2', PYTHON=sys.executable)
   args = [*FLAGS, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           f'--config.train.num_steps={steps}', *extra]
   return _run(['bash', 'launch/local_multiprocess.sh', *args], env)
@@ -143,7 +143,7 @@ def test_two_processes_build_and_train_from_the_feature_cache(
       '--config.model.encoder.frozen=True',
       '--config.train.allow_random_frozen_encoder=True',
       '--config.data.features.use=True', '--config.data.features.dtype=float32',
-      '--config.data.features.batch_size=12'], devices=2)
+      '--config.data.features.batch_size=12'])
   assert 'Encoding train, test, validation (384 images)' in err
   folder = err.split(' into ')[1].split('.\n')[0]
   # Written once, by process 0, complete: 256 + 64 + 64 images.

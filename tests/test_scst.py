@@ -2,6 +2,7 @@
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 
@@ -296,13 +297,17 @@ def test_coco_scst_config_runs_on_mock_data(tmp_path):
   assert set(counts) <= {5, 6, 7} and counts.max() > 5
 
 
-def test_init_from_must_be_the_same_model(test_config, tmp_path):
+def test_init_from_must_be_the_same_model(test_config, trained_workdir,
+                                         tmp_path):
   test_config.train.num_steps = 1
   test_config.evals.val.every_steps = -1
   test_config.evals.test.every_steps = -1
-  train.train_and_evaluate(test_config, str(tmp_path / 'a'))
+  # The shared run, with its step 6 alone: its best checkpoint.
+  a = tmp_path / 'a'
+  shutil.copytree(trained_workdir, a)
+  shutil.rmtree(a / 'checkpoints' / '3')
   for init_from, match in ((tmp_path / 'missing', 'neither a workdir'),
-                           (tmp_path / 'a', 'another model')):
+                           (a, 'another model')):
     config = test_config.copy_and_resolve_references()
     config.model.decoder.hidden_dim = 24
     config.init_from = str(init_from)
@@ -313,10 +318,10 @@ def test_init_from_must_be_the_same_model(test_config, tmp_path):
   config = test_config.copy_and_resolve_references()
   config.model.encoder.frozen = True
   config.model.decoder.dropout = 0.3
-  config.init_from = str(tmp_path / 'a' / 'checkpoints' / '1')
+  config.init_from = str(a / 'checkpoints' / '6')
   state = train.train_and_evaluate(config, str(tmp_path / 'c'))
   first = jax.tree.map(np.asarray, state.params['encoder'])
-  config.init_from = str(tmp_path / 'a')
+  config.init_from = str(a)
   again = train.train_and_evaluate(config, str(tmp_path / 'd'))
   jax.tree.map(np.testing.assert_array_equal, first,
                jax.tree.map(np.asarray, again.params['encoder']))

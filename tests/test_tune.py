@@ -367,8 +367,8 @@ def test_a_killed_tuner_resumes_its_trial_from_the_checkpoint(
     tmp_path, shapes_data_dir):
   sweep = _sweep_file(tmp_path, (
       "Sweep(space={'train.learning_rate': log_uniform(1e-3, 1e-2)}, "
-      "overrides={'train.num_steps': 24, 'train.checkpoint_every_steps': 4, "
-      "'evals.val.every_steps': 8, 'evals.test.every_steps': -1}, trials=1, "
+      "overrides={'train.num_steps': 12, 'train.checkpoint_every_steps': 2, "
+      "'evals.val.every_steps': 4, 'evals.test.every_steps': -1}, trials=1, "
       "pruner='none', "
       'heartbeat_seconds=1, grace_seconds=4)'))
   workdir = tmp_path / 'tune'
@@ -376,14 +376,14 @@ def test_a_killed_tuner_resumes_its_trial_from_the_checkpoint(
   proc = _tune(*args, data_dir=shapes_data_dir, wait=False)
   saved = workdir / 'trials' / '0000' / 'checkpoints'
   deadline = time.monotonic() + 400
-  while not (saved.is_dir() and '8' in os.listdir(saved)):
+  while not (saved.is_dir() and '4' in os.listdir(saved)):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.monotonic() < deadline
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   last = max(int(s) for s in os.listdir(saved) if s.isdigit())
-  assert 8 <= last < 24
+  assert 4 <= last < 12
   assert [t.state for t in _study(workdir).trials] == [State.RUNNING]
 
   code, out, err = _tune(*args, data_dir=shapes_data_dir)
@@ -398,7 +398,7 @@ def test_a_killed_tuner_resumes_its_trial_from_the_checkpoint(
   assert f'Restored step {last} from {saved}' in err
   assert set(trials[0].intermediate_values) <= set(
       trials[1].intermediate_values)
-  assert max(trials[1].intermediate_values) == 24
+  assert max(trials[1].intermediate_values) == 12
   assert os.listdir(workdir / 'trials') == ['0000']
   assert 'interrupted; retried as 1' in out
 
@@ -488,8 +488,8 @@ def test_two_workers_share_one_study(tmp_path, shapes_data_dir, how):
       "Sweep(space={'train.learning_rate': log_uniform(1e-3, 1e-2)}, "
       # Long enough that the second worker has started before the first
       # trial ends.
-      "overrides={'train.num_steps': 24, 'evals.val.every_steps': 12, "
-      "'train.checkpoint_every_steps': 12, 'evals.test.every_steps': -1}, "
+      "overrides={'train.num_steps': 12, 'evals.val.every_steps': 6, "
+      "'train.checkpoint_every_steps': 6, 'evals.test.every_steps': -1}, "
       "trials=2, pruner='none', heartbeat_seconds=5, grace_seconds=60)"))
   workdir = tmp_path / 'tune'
   if how == 'workers':
