@@ -115,18 +115,20 @@ def trained_workdir(shapes_data_dir, tmp_path_factory) -> str:
   """A workdir trained for 6 steps of configs/test.py on the tiny shapes
   build, validated on one batch: its config.json, vocab.json and checkpoints
   3 and 6, for the tests of what reads a trained run back. Only read, never
-  written, by those tests (copy it to change it)."""
+  written, by those tests (copy it to change it); trained once per pytest
+  run, by the first xdist worker that asks."""
   # As in the fixtures above: imported only by the sessions that need it.
   # pylint: disable=g-import-not-at-top
   from capjax import train
   from configs import test
   # pylint: enable=g-import-not-at-top
-  config = test.get_config()
-  config.data.data_dir = shapes_data_dir
-  config.evals.val.num_batches = 1
-  path = str(tmp_path_factory.mktemp('trained'))
-  train.train_and_evaluate(config, path)
-  return path
+
+  def build(folder):
+    config = test.get_config()
+    config.data.data_dir = shapes_data_dir
+    config.evals.val.num_batches = 1
+    train.train_and_evaluate(config, str(folder))
+  return str(built_once(tmp_path_factory, 'trained', build))
 
 
 # Shared helpers: tiny steps on random batches, mock COCO, made weights.
