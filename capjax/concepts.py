@@ -164,9 +164,10 @@ def load_or_save(path: str, concepts: Concepts, write: bool) -> Concepts:
 
 def for_run(config: ml_collections.ConfigDict, builder: Any,
             workdir: str) -> Concepts | None:
-  """The concepts of a run whose config has the concept head, saved in the
-  workdir (by process 0) for the jobs that read it without the dataset;
-  None without the head."""
+  """The concepts of a run whose config has the concept head, checked
+  against the workdir's own if it has them; None without the head. The
+  training job saves them (`save_for_run`) for the jobs that read them
+  without the dataset."""
   if not config.model.concepts.head:
     return None
   concepts = of_builder(builder)
@@ -175,8 +176,13 @@ def for_run(config: ml_collections.ConfigDict, builder: Any,
                     f'annotates its images\' objects, and {builder.name} does '
                     'not (shapes does; COCO with its category names); set it '
                     'to False')
-  return load_or_save(os.path.join(workdir, FILENAME), concepts,
-                      write=jax.process_index() == 0)
+  return load_or_save(os.path.join(workdir, FILENAME), concepts, write=False)
+
+
+def save_for_run(workdir: str, concepts: Concepts) -> None:
+  """Saves a run's concepts in its workdir, by process 0, unless there."""
+  load_or_save(os.path.join(workdir, FILENAME), concepts,
+               write=jax.process_index() == 0)
 
 
 def load(workdir: str) -> Concepts:

@@ -109,6 +109,10 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
     else:
       state = jax.jit(functools.partial(state_lib.create, config, model, tx),
                       out_shardings=par.replicated)(init_rng, encoder_weights)
+  if concepts:
+    # Once the checkpoints are known to be this model's: a run refused
+    # above leaves the workdir as it found it.
+    concepts_lib.save_for_run(workdir, concepts)
   return Start(data=data, par=par, objective=objective, model=model, tx=tx,
                meta=meta, checkpoints=checkpoints, state=state, step=step,
                step_rng=step_rng, concepts=concepts)

@@ -354,3 +354,10 @@ def test_mistakes_are_one_line(headed, trained_workdir, shapes_data_dir,
   os.remove(copy / concepts_lib.FILENAME)
   with pytest.raises(UserError, match='has no concepts.json'):
     inference.Captioner.from_workdir(str(copy))
+  # A run without the head, resumed with it: refused, and nothing written.
+  plain = tmp_path / 'plain'
+  shutil.copytree(trained_workdir, plain)
+  with pytest.raises(UserError, match=r'belong to another model .*'
+                     r'model\.concepts\.head: False -> True'):
+    train.train_and_evaluate(_config(shapes_data_dir), str(plain))
+  assert not (plain / concepts_lib.FILENAME).exists()
