@@ -164,7 +164,7 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
   # A damaged step's error names the caption CLI's option for another.
   state, step = workdir_lib.restore_trained(workdir, config, vocab, model,
                                             step=step, step_flag='--step')
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = state.variables()
   return Trained(config, vocab, variables, step, concepts)
 
 

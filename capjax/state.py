@@ -26,6 +26,13 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
 
+  def variables(self, params: Any = None) -> dict[str, Any]:
+    """What the model's `apply` takes: `params` (default: the state's own,
+    a loss function passes those it differentiates) and the BatchNorm
+    statistics. The one place the jobs build it."""
+    return {'params': self.params if params is None else params,
+            'batch_stats': self.batch_stats}
+
 
 def example_inputs(config: ml_collections.ConfigDict
                    ) -> tuple[jax.Array, jax.Array]:

@@ -39,7 +39,7 @@ from capjax.metrics import objects as objects_lib
 
 def _search(state, batch, phrase_table, *, model, **options):
   """Per device: the best caption of each image of `batch`."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = state.variables()
   return common.search_rows(model, variables, batch,
                             phrase_table=phrase_table, **options)
 

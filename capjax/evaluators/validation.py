@@ -29,7 +29,7 @@ METRICS = tuple(config_lib.VALIDATION_METRICS)
 
 def _validate(state, batch, *, model, config, options):
   """Per device: the loss sums of `batch` and its decoded captions."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = state.variables()
   features = model.apply(variables, batch,
                          method=model.encode_batch)  # [b, P, C]
   logits, alphas = model.apply(variables, features, batch['captions'],

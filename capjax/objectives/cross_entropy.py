@@ -54,7 +54,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   concepts = bool(model.concepts[1])  # Also train the concept head.
 
   def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
+    variables = state.variables(params)
     method = model.caption_batch_and_concepts if concepts else (
         model.caption_batch)
     outputs, updates = model.apply(

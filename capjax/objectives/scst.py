@@ -136,7 +136,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
                   ban_unk=s.ban_unk)
 
   def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
+    variables = state.variables(params)
     features = model.apply(variables, batch,
                            method=model.encode_batch)  # [B, P, C], once each
     cache = model.apply(variables, features, method=model.prepare)
