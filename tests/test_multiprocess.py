@@ -3,8 +3,8 @@
 The job is started by launch/local_multiprocess.sh, over loopback, and must
 train and decode exactly as 1 process x 8 devices (the tests' own, in this
 process) with the same global batch, 2 images a device against 1; then it
-resumes from its own checkpoint. Every process runs in its own process group, killed when the
-test ends, also when it fails.
+resumes from its own checkpoint. Every process runs in its own process
+group, killed when the test ends, also when it fails.
 """
 
 import json
