@@ -38,8 +38,8 @@ def _assert_same(a, b):
 
 def _copy(trained_workdir, tmp_path, config):
   """The shared 6-step run of configs/test.py (checkpoints 3 and 6), to
-  change, and `config` set as it was trained: the fallback tests train on
-  from it."""
+  change, and `config` set as it was trained: the resume and fallback
+  tests train on from it."""
   shutil.copytree(trained_workdir, tmp_path, dirs_exist_ok=True)
   config.evals.val.num_batches = 1
   config.evals.test.every_steps = -1  # No final decode: not checked.
@@ -122,7 +122,7 @@ def test_foreign_checkpoint_directory(test_config, tmp_path):
   assert (tmp_path / 'checkpoints' / '5' / 'model' / 'weights.bin').exists()
 
 
-def _job(workdir, data_dir, steps, *extra):
+def _job(workdir, data_dir, steps):
   return subprocess.Popen(
       [sys.executable, '-m', 'capjax.main', '--config=configs/test.py',
        f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
@@ -131,7 +131,7 @@ def _job(workdir, data_dir, steps, *extra):
        # interrupted run and the reference; a constant rate does not.
        '--config.train.schedule=constant',
        '--config.train.checkpoint_every_steps=1000',
-       '--config.evals.val.every_steps=1000', *extra],
+       '--config.evals.val.every_steps=1000'],
       cwd=REPO, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
