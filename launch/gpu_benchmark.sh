@@ -2,7 +2,7 @@
 # BENCHMARKS.md's GPU table, on a bare GPU machine: one that has jax (with
 # CUDA), flax, optax, orbax-checkpoint, absl-py, numpy and Pillow, as GPU
 # images ship them, and none of capjax's data and metric libraries
-# (TensorFlow, TFDS, grain, clu, nltk, rouge-score, simplejpeg, ...), which
+# (TensorFlow, TFDS, grain, clu, nltk, simplejpeg, ...), which
 # the train, decode and SCST benchmarks do not import (tests/test_imports.py
 # blocks all of pyproject.toml's dependencies that such a machine lacks).
 #

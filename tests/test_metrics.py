@@ -84,6 +84,25 @@ def test_bleu_without_matches_is_near_zero_without_warnings():
 # ROUGE-L
 
 
+def _lcs_by_subsets(a, b):
+  """The longest common subsequence by trying every subsequence of `a`."""
+  best = 0
+  for mask in range(1 << len(a)):
+    sub = [x for i, x in enumerate(a) if mask >> i & 1]
+    it = iter(b)
+    if all(x in it for x in sub):  # `sub` is a subsequence of `b`.
+      best = max(best, len(sub))
+  return best
+
+
+def test_lcs_length_is_the_longest_common_subsequence():
+  rng = random.Random(0)
+  for _ in range(300):
+    a = rng.choices('abc', k=rng.randint(0, 8))
+    b = rng.choices('abc', k=rng.randint(0, 8))
+    assert rouge.lcs_length(a, b) == _lcs_by_subsets(a, b), (a, b)
+
+
 def test_rouge_l_of_identical_captions_is_one():
   assert rouge.rouge_l([_t('a b c')], _t('a b c')) == pytest.approx(1.0)
 
