@@ -93,12 +93,14 @@ def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
 
 @pytest.fixture(scope='session')
 def shapes_data_dir(tmp_path_factory) -> str:
-  """A TFDS data dir holding the 'tiny' shapes build."""
+  """A TFDS data dir holding the 'tiny' shapes build; built once per pytest
+  run, by the first xdist worker that asks."""
   from capjax.data import shapes  # pylint: disable=g-import-not-at-top
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  shapes.Shapes(config='tiny', data_dir=data_dir,
-                file_format='array_record').download_and_prepare()
-  return data_dir
+
+  def build(folder):
+    shapes.Shapes(config='tiny', data_dir=str(folder),
+                  file_format='array_record').download_and_prepare()
+  return str(built_once(tmp_path_factory, 'tfds', build))
 
 
 @pytest.fixture
