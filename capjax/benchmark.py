@@ -126,16 +126,16 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 @functools.cache
-def _random_variables(model, image_size: int, captions_per_image: int,
+def _random_variables(predict, image_size: int, captions_per_image: int,
                       max_len: int) -> dict[str, Any]:
-  """`model.init`'s variables, drawn once per model and input shapes."""
-  return jax.jit(model.init)(
+  """`predict.init`'s variables, drawn once per model and input shapes."""
+  return jax.jit(predict.init)(
       jax.random.key(0),
       jnp.zeros((1, image_size, image_size, 3), jnp.uint8),  # [1, S, S, 3]
       jnp.zeros((1, captions_per_image, max_len), jnp.int32))  # [1, K, L]
 
 
-def random_variables(config, model) -> dict[str, Any]:
+def random_variables(config, predict) -> dict[str, Any]:
   """The random {'params', 'batch_stats'} that `state_lib.create` draws,
   on the default device. Never donate them: they are drawn once.
 
@@ -144,46 +144,52 @@ def random_variables(config, model) -> dict[str, Any]:
   decode) shares one init: compiling it costs as much as some steps.
   """
   d = config.data
-  return _random_variables(model.clone(frozen=True), d.image_size,
+  return _random_variables(predict.frozen(), d.image_size,
                            d.captions_per_image, d.max_len)
 
 
-def random_state(config, model, par) -> state_lib.TrainState:
-  """`state_lib.create(config, model, None, jax.random.key(0))`, the same
+def random_state(config, predict, par) -> state_lib.TrainState:
+  """`state_lib.create(config, predict, None, jax.random.key(0))`, the same
   values, replicated over `par`'s devices; a copy, which steps may donate."""
   def fresh(variables):
     params = variables['params']
     return state_lib.fresh(params, variables['batch_stats'],
                            optimizer.make(config, params))
   return jax.jit(fresh, out_shardings=par.replicated)(jax.device_put(
-      random_variables(config, model), par.replicated, may_alias=False))
+      random_variables(config, predict), par.replicated, may_alias=False))
 
 
 def _variables(config, workdir: str | None,
                vocab_size: int) -> tuple[Any, Any]:
-  """(model, variables): trained if `workdir` is given."""
+  """(predict, variables): trained if `workdir` is given."""
   if workdir:
     trained = inference.load_trained(workdir)
-    return models.build_captioner(
+    return models.Predict(models.build_captioner(
         trained.config.model, len(trained.vocab),
         trained.config.data.normalization,
-        trained.concepts.sizes if trained.concepts else (0, 0)
-    ), trained.variables
-  model = models.build_captioner(config.model, vocab_size,
-                                 config.data.normalization)
-  return model, random_variables(config, model)
+        trained.concepts.sizes if trained.concepts else (0, 0),
+        max_len=trained.config.data.max_len)), trained.variables
+  predict = _predict(config, vocab_size)
+  return predict, random_variables(config, predict)
+
+
+def _predict(config, vocab_size: int) -> models.Predict:
+  """The predict functions of config.model with `vocab_size` words."""
+  return models.Predict(models.build_captioner(
+      config.model, vocab_size, config.data.normalization,
+      max_len=config.data.max_len))
 
 
 def bench_decode(config, workdir: str | None, beams: list[int], batch: int,
                  repeats: int, vocab_size: int) -> list[dict[str, Any]]:
-  model, variables = _variables(config, workdir, vocab_size)
+  predict, variables = _variables(config, workdir, vocab_size)
   size = config.data.image_size
   images = jax.random.randint(jax.random.key(1), (batch, size, size, 3), 0,
                               256).astype(jnp.uint8)  # pixels, as fed
   rows = []
   for beam in beams:
     search = jax.jit(functools.partial(
-        decode.beam_search, model, beam_size=beam,
+        decode.beam_search, predict, beam_size=beam,
         max_len=config.data.max_len, ban_unk=True))
     seconds = _median_seconds(lambda: search(variables, images).tokens,
                               repeats)
@@ -221,17 +227,15 @@ def synthetic_batch(config, batch: int, vocab_size: int,
   }, int((lengths - 1).sum())
 
 
-def as_features(config, model, host_batch: dict[str, np.ndarray],
+def as_features(config, predict, host_batch: dict[str, np.ndarray],
                 seed: int = 0) -> dict[str, np.ndarray]:
   """`host_batch` as the feature cache sends it: random features [B, h, w,
   C] in `data.features.dtype` in place of the images."""
   images = host_batch['image']
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), images[:1],
-                         host_batch['captions'][:1]))
-  grid = jax.eval_shape(
-      lambda v: model.apply(v, images[:1], method=model.encode_grid),
-      variables)
+      lambda: predict.init(jax.random.key(0), images[:1],
+                           host_batch['captions'][:1]))
+  grid = jax.eval_shape(lambda v: predict.grid(v, images[:1]), variables)
   dtype = jnp.dtype(config.data.features.dtype)  # bfloat16 or float32
   rng = np.random.default_rng(seed)
   features = rng.random((len(images),) + grid.shape[1:], np.float32)
@@ -239,7 +243,7 @@ def as_features(config, model, host_batch: dict[str, np.ndarray],
   return batch | {'features': features.astype(dtype)}
 
 
-def step_flops(par, train_step, model, tx, config, *args) -> float | None:
+def step_flops(par, train_step, predict, tx, config, *args) -> float | None:
   """FLOPs per device of one train step, as XLA counts them.
 
   XLA's cost analysis counts the body of a loop once, whatever its trip
@@ -247,7 +251,7 @@ def step_flops(par, train_step, model, tx, config, *args) -> float | None:
   only, never compiled or run.
   """
   unrolled = par.step(functools.partial(
-      train_step, model=model.clone(unroll=True), tx=tx, config=config))
+      train_step, predict=predict.unrolled(), tx=tx, config=config))
   cost = unrolled.lower(*args).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return (cost or {}).get('flops')  # Per device: the program is per device.
@@ -285,21 +289,20 @@ def bench_train(config, per_device_batch: int, frozen: bool, steps: int,
 
 def _train(config, per_device_batch: int, steps: int, repeats: int,
            vocab_size: int, features: bool) -> dict[str, Any]:
-  model = models.build_captioner(config.model, vocab_size,
-                                 config.data.normalization)
+  predict = _predict(config, vocab_size)
   par = parallel.Parallel(config)
-  state = random_state(config, model, par)
+  state = random_state(config, predict, par)
   tx = optimizer.make(config, state.params)
-  step = par.step(functools.partial(cross_entropy.train_step, model=model,
-                                    tx=tx, config=config))
+  step = par.step(functools.partial(cross_entropy.train_step,
+                                    predict=predict, tx=tx, config=config))
   host_batch, tokens = synthetic_batch(config, config.batch_size, vocab_size)
   if features:
-    host_batch = as_features(config, model, host_batch)
+    host_batch = as_features(config, predict, host_batch)
   batch = par.put_batch(host_batch)
   rng = jax.random.key(1)
   state = par.put_state(state)
-  flops = step_flops(par, cross_entropy.train_step, model, tx, config, state,
-                     batch, rng)
+  flops = step_flops(par, cross_entropy.train_step, predict, tx, config,
+                     state, batch, rng)
 
   def run():
     nonlocal state
@@ -339,15 +342,14 @@ def bench_scst(config, per_device_batch: int, steps: int, repeats: int,
 def _scst(config, per_device_batch: int, steps: int, repeats: int,
           vocab_size: int, features: bool) -> dict[str, Any]:
   s = config.scst
-  model = models.build_captioner(config.model, vocab_size,
-                                 config.data.normalization)
+  predict = _predict(config, vocab_size)
   par = parallel.Parallel(config)
   host_batch, _ = synthetic_batch(config, config.batch_size, vocab_size)
   host_batch['references'] = synthetic_batch(  # [B, R, L]
       _with_k(config, s.max_references), config.batch_size, vocab_size,
       seed=1)[0]['captions']
   if features:
-    host_batch = as_features(config, model, host_batch)
+    host_batch = as_features(config, predict, host_batch)
   # Document frequencies of 5,000 images' references, COCO's test size.
   corpus = synthetic_batch(_with_k(config, s.max_references), 5_000,
                            vocab_size, seed=2)[0]['captions'][..., 1:]
@@ -362,9 +364,10 @@ def _scst(config, per_device_batch: int, steps: int, repeats: int,
   for name, fn, extra in (
       ('cross_entropy', cross_entropy.train_step, ()),
       ('scst', scst.train_step, (par.put_constant(table),))):
-    state = random_state(config, model, par)
+    state = random_state(config, predict, par)
     tx = optimizer.make(config, state.params)
-    step = par.step(functools.partial(fn, model=model, tx=tx, config=config),
+    step = par.step(functools.partial(fn, predict=predict, tx=tx,
+                                      config=config),
                     constant_argnums=(3,) if extra else ())
     state = par.put_state(state)
 
@@ -524,12 +527,11 @@ def bench_input(config, workdir: str | None, workers: list[int],
       c = config.copy_and_resolve_references()
       c.data = d
       c.model.encoder.frozen = True
-      model = models.build_captioner(c.model, len(data.vocab),
-                                     d.normalization)
+      predict = _predict(c, len(data.vocab))
       par = parallel.Parallel(c)
-      state = random_state(c, model, par)
+      state = random_state(c, predict, par)
       start = time.perf_counter()
-      cache = cache_features.build(c, kind_data, model, state, par, names,
+      cache = cache_features.build(c, kind_data, predict, state, par, names,
                                    force=True)
       row['cache_seconds'] = time.perf_counter() - start
       kind_data = prepare.Data(data.builder, data.vocab, d, features=cache)
@@ -624,11 +626,10 @@ def bench_checkpoint(config, repeats: int, vocab_size: int,
   import grain  # The data position is part of every checkpoint.
   from capjax import checksums
   # pylint: enable=g-import-not-at-top
-  model = models.build_captioner(config.model, vocab_size,
-                                 config.data.normalization)
+  predict = _predict(config, vocab_size)
   par = parallel.Parallel(config)
-  state = random_state(config, model, par)
-  abstract = state_lib.abstract(config, model, par.replicated)
+  state = random_state(config, predict, par)
+  abstract = state_lib.abstract(config, predict, par.replicated)
   meta = {'model': config.model.to_dict()}
   iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
   times = {(what, on): [] for what in ('save', 'restore')

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from capjax import files
+from capjax import models
 from capjax import parallel
 from capjax import start as start_lib
 from capjax import state as state_lib
@@ -49,20 +50,17 @@ def splits(config: ml_collections.ConfigDict) -> list[str]:
                             for n in datasets.split_names(s)))
 
 
-def _encoder_variables(state: state_lib.TrainState) -> dict:
-  return {'params': {'encoder': state.params['encoder']},
-          'batch_stats': {'encoder': state.batch_stats['encoder']}}
 
-
-def cache_of(config: ml_collections.ConfigDict, data: prepare.Data, model,
+def cache_of(config: ml_collections.ConfigDict, data: prepare.Data,
+             predict: models.Predict,
              state: state_lib.TrainState) -> feature_cache.Cache:
   """The cache of the features that `state`'s encoder gives `data`."""
   d, e = config.data, config.model.encoder
-  variables = _encoder_variables(state)
+  variables = state.variables(only='encoder')
   size = d.image_size
   grid = jax.eval_shape(
-      lambda v: model.apply(v, np.zeros((1, size, size, 3), np.uint8),
-                            method=model.encode_grid), variables)
+      lambda v: predict.grid(v, np.zeros((1, size, size, 3), np.uint8)),
+      variables)
   config_name = data.builder.builder_config
   return feature_cache.Cache(data.builder, {
       'dataset': data.builder.name,
@@ -78,13 +76,14 @@ def cache_of(config: ml_collections.ConfigDict, data: prepare.Data, model,
   })
 
 
-def _encode(variables, batch, *, model, dtype):
+def _encode(variables, batch, *, predict, dtype):
   """Per device: images [b, S, S, 3] -> their grids [b, h, w, C]."""
-  grid = model.apply(variables, batch['image'], method=model.encode_grid)
+  grid = predict.grid(variables, batch['image'])
   return grid.astype(dtype)
 
 
-def build(config: ml_collections.ConfigDict, data: prepare.Data, model,
+def build(config: ml_collections.ConfigDict, data: prepare.Data,
+          predict: models.Predict,
           state: state_lib.TrainState, par: parallel.Parallel,
           names: list[str] | None = None,
           force: bool = False) -> feature_cache.Cache:
@@ -94,16 +93,16 @@ def build(config: ml_collections.ConfigDict, data: prepare.Data, model,
   Without `force` (the job) or `data.prepare`, a missing split is an error.
   """
   names = splits(config) if names is None else names
-  cache = cache_of(config, data, model, state)
+  cache = cache_of(config, data, predict, state)
   chief = jax.process_index() == 0
   # A read-only or full data dir: one line, on process 0, which writes.
   with files.reporting(cache.folder, 'the feature cache'):
     with cache.lock() if chief else contextlib.nullcontext():
-      _build(config, data, model, state, par, cache, names, force)
+      _build(config, data, predict, state, par, cache, names, force)
   return cache
 
 
-def _build(config, data, model, state, par, cache, names, force) -> None:
+def _build(config, data, predict, state, par, cache, names, force) -> None:
   d = config.data
   chief = jax.process_index() == 0
   todo = common.on_chief(lambda: cache.missing(names))
@@ -128,8 +127,8 @@ def _build(config, data, model, state, par, cache, names, force) -> None:
     raise UserError(f'--config.data.features.batch_size={batch_size} is not '
                     f'divisible by the {jax.device_count()} devices')
   encode = par.map(functools.partial(
-      _encode, model=model, dtype=feature_cache.DTYPES[d.features.dtype]))
-  variables = par.put_state(_encoder_variables(state))
+      _encode, predict=predict, dtype=feature_cache.DTYPES[d.features.dtype]))
+  variables = par.put_state(state.variables(only='encoder'))
   local = batch_size // jax.process_count()
   first = jax.process_index() * local
   total = sum(datasets.num_examples(data.builder, s) for s in todo)
@@ -172,7 +171,8 @@ def _build(config, data, model, state, par, cache, names, force) -> None:
                ', '.join(names), size / 1e9)
 
 
-def attach(config: ml_collections.ConfigDict, data: prepare.Data, model,
+def attach(config: ml_collections.ConfigDict, data: prepare.Data,
+           predict: models.Predict,
            state: state_lib.TrainState,
            par: parallel.Parallel) -> prepare.Data:
   """`data` reading the feature cache of `state`'s encoder, when
@@ -180,7 +180,8 @@ def attach(config: ml_collections.ConfigDict, data: prepare.Data, model,
   if not config.data.features.use:
     return data
   return dataclasses.replace(data,
-                             features=build(config, data, model, state, par))
+                             features=build(config, data, predict, state,
+                                            par))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -188,7 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   from, for every split the run reads."""
   s = start_lib.start(config, workdir)
   try:
-    cache = build(config, s.data, s.model, s.state, s.par, force=True)
+    cache = build(config, s.data, s.predict, s.state, s.par, force=True)
   finally:
     s.checkpoints.close()
   size = cache.size_on_disk(splits(config))

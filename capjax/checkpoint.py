@@ -89,7 +89,7 @@ class DamagedCheckpoint(UserError):
 def meta(config: ml_collections.ConfigDict, vocab: Vocab) -> dict[str, Any]:
   """What a state is only valid with: its model and its vocabulary."""
   return {
-      'model': config.model.to_dict(),
+      'model': config_lib.model_record(config.model.to_dict()),
       'vocab': {'size': len(vocab), 'sha256': hashlib.sha256(
           '\n'.join(vocab.words).encode()).hexdigest()},
   }
@@ -156,8 +156,17 @@ def _check_same_model(saved: dict[str, Any], meta_data: dict[str, Any],
 
   Only the fields of `meta_data` are compared (the saved process count and
   resume fields are checked where they matter); differences starting with
-  one of `ignore` are allowed.
+  one of `ignore` are allowed. Another decoder is named first.
   """
+  if 'model' in saved and 'model' in meta_data:
+    # Either may be a record of before decoders had names.
+    saved, meta_data = (dict(m, model=config_lib.model_record(m['model']))
+                        for m in (saved, meta_data))
+    names = [m['model']['decoder']['name'] for m in (saved, meta_data)]
+    if names[0] != names[1]:
+      raise UserError(f'{holder} a {names[0]} decoder, not the '
+                      f'--config.model.decoder.name={names[1]!r} asked for; '
+                      f'{fix}')
   differences = [d for d in _differences(
       {key: saved.get(key) for key in meta_data}, meta_data)
                  if not d.startswith(ignore)]
@@ -560,8 +569,7 @@ def load_weights(init_from: str, config: ml_collections.ConfigDict,
                       f'--config.init_from={init_from} holds',
                       'start from a run of this model',
                       ignore=_PARAMETER_FREE)
-    target = {'params': abstract_state.params,
-              'batch_stats': abstract_state.batch_stats}
+    target = abstract_state.variables()
     restored, why = _restore_verified(
         checkpoints.manager, step, ocp.args.PyTreeRestore(
             target, partial_restore=True,

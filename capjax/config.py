@@ -5,6 +5,8 @@ needs; `--config.FIELD=VALUE` overrides any field on the command line. The
 config is locked, so a misspelt field is an error rather than a new field.
 """
 
+from typing import Any
+
 import ml_collections
 
 from capjax.errors import UserError
@@ -129,10 +131,29 @@ def defaults() -> ml_collections.ConfigDict:
   # in its cache; --mode=prepare fetches them ahead of training.
   e.pretrained = ''
   m.decoder = md = ml_collections.ConfigDict()
+  # Which decoder reads the grid (capjax.models.decoders):
+  # 'show_attend_tell' (the soft-attention LSTM of Xu et al. 2015),
+  # 'updown' (the top-down attention LSTMs of Anderson et al. 2018) or
+  # 'transformer' (an encoder-decoder Transformer over the grid).
+  md.name = 'show_attend_tell'
+  # The LSTM decoders' sizes (show_attend_tell, updown).
   md.embed_dim = 512  # Word embedding size.
   md.hidden_dim = 512  # LSTM state size.
   md.attention_dim = 512  # Size of the additive attention's hidden layer.
-  md.dropout = 0.5  # On the deep output layer's input (Xu et al. 2015).
+  # show_attend_tell: on the deep output layer's input (Xu et al. 2015);
+  # updown: on the language LSTM's output; transformer: on every residual
+  # branch and the embeddings (Vaswani et al. 2017).
+  md.dropout = 0.5
+  # The transformer's sizes.
+  md.transformer = mt = ml_collections.ConfigDict()
+  mt.encoder_layers = 3  # Self-attention layers over the grid positions.
+  mt.layers = 3  # Decoder layers (masked self-attention, cross-attention).
+  mt.model_dim = 512  # d_model.
+  mt.heads = 8  # Attention heads, each of model_dim / heads.
+  mt.mlp_dim = 2048  # d_ff, the feed-forward blocks' hidden size.
+  # The word positions' embeddings: 'sinusoidal' (Vaswani et al. 2017) or
+  # 'learned'.
+  mt.positions = 'sinusoidal'
   # The concept head (capjax.models.concepts): from the encoder's grid, it
   # predicts what the image shows, trained with the captioner from the
   # dataset's object annotations (shapes: each object's colour and shape;
@@ -275,14 +296,38 @@ _POSITIVE = (
     'decode.beam_size',
     'scst.num_samples', 'scst.max_references', 'model.decoder.embed_dim',
     'model.decoder.hidden_dim', 'model.decoder.attention_dim',
-    'model.concepts.hidden_dim',
+    'model.concepts.hidden_dim', 'model.decoder.transformer.layers', 'model.decoder.transformer.model_dim',
+    'model.decoder.transformer.heads', 'model.decoder.transformer.mlp_dim',
 )
 _NOT_NEGATIVE = (
     'data.workers', 'data.min_count', 'model.encoder.grid',
+    'model.decoder.transformer.encoder_layers',
     'data.features.batch_size',
     'train.warmup_steps', 'train.encoder_from_step',
     'decode.batch_size', 'decode.poll_seconds', 'decode.timeout_seconds',
 )
+
+
+# The config.model.decoder fields each decoder is made of (the others do not
+# touch its parameters). Runs before decoders were chosen by name recorded
+# no name: theirs is show_attend_tell.
+_LSTM_FIELDS = ('name', 'embed_dim', 'hidden_dim', 'attention_dim', 'dropout')
+DECODER_FIELDS = {
+    'show_attend_tell': _LSTM_FIELDS,
+    'updown': _LSTM_FIELDS,
+    'transformer': ('name', 'dropout', 'transformer'),
+}
+OLDEST_DECODER = 'show_attend_tell'
+
+
+def model_record(model: dict[str, Any]) -> dict[str, Any]:
+  """config.model as a dict (`to_dict()`, or a checkpoint's record of one)
+  with the decoder's own fields only, and its name: what a checkpoint's
+  parameters are only valid with."""
+  decoder = dict(model.get('decoder', {}))
+  decoder.setdefault('name', OLDEST_DECODER)
+  keep = DECODER_FIELDS.get(decoder['name'], tuple(decoder))
+  return dict(model, decoder={k: v for k, v in decoder.items() if k in keep})
 
 
 def field(config: ml_collections.ConfigDict, name: str):
@@ -309,6 +354,10 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.data.max_len < 3:
     raise UserError(f'--config.data.max_len={config.data.max_len} must be >= 3'
                     ' (<bos>, a word, <eos>)')
+  if config.model.decoder.name not in DECODER_FIELDS:
+    raise UserError(f'unknown --config.model.decoder.name='
+                    f'{config.model.decoder.name!r}; choose one of '
+                    f'{", ".join(DECODER_FIELDS)}')
   if not 0 <= config.model.decoder.dropout < 1:
     raise UserError(f'--config.model.decoder.dropout='
                     f'{config.model.decoder.dropout} must be in [0, 1)')

@@ -80,12 +80,10 @@ attention positions, n returned captions per image, K = C * A phrases.
 """
 
 from collections.abc import Sequence
-import functools
 import json
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,7 +102,6 @@ MAX_CONSTRAINTS = 4
 # decode's own helpers, so that both searches step, gather and ban alike.
 # pylint: disable=protected-access
 _gather = decode._gather
-_model_step = decode._model_step
 _repeated_trigram_ban = decode._repeated_trigram_ban
 # pylint: enable=protected-access
 
@@ -396,7 +393,7 @@ def search(step: decode.StepFn, carry: Any, phrases: jax.Array, *,
 
 
 def constrained_beam_search(
-    model: nn.Module, variables, images: jax.Array, phrases: jax.Array, *,
+    predict, variables, images: jax.Array, phrases: jax.Array, *,
     beam_size: int, max_len: int, alpha: float = 0.0, num_return: int = 1,
     ban_unk: bool = False, ban_repeated_trigrams: bool = False,
     mask: jax.Array | None = None) -> ConstrainedCaptions:
@@ -404,35 +401,33 @@ def constrained_beam_search(
 
   phrases: int32 [B, C, A, L] (`encode_constraints`); see `search` for the
   rest. The encoder runs once per image; its features serve all 2^C x W
-  hypotheses of the image.
+  hypotheses of the image. `predict` is the model's `models.Predict`.
   """
-  features = model.apply(variables, images, method=model.encode)  # [B, P, C]
+  features = predict.encode(variables, {'image': images})  # [B, P, C]
   return constrained_beam_search_features(
-      model, variables, features, phrases, beam_size=beam_size,
+      predict, variables, features, phrases, beam_size=beam_size,
       max_len=max_len, alpha=alpha, num_return=num_return, ban_unk=ban_unk,
       ban_repeated_trigrams=ban_repeated_trigrams, mask=mask)
 
 
 def constrained_beam_search_features(
-    model: nn.Module, variables, features: jax.Array, phrases: jax.Array, *,
+    predict, variables, features: jax.Array, phrases: jax.Array, *,
     beam_size: int, max_len: int, alpha: float = 0.0, num_return: int = 1,
     ban_unk: bool = False, ban_repeated_trigrams: bool = False,
     mask: jax.Array | None = None) -> ConstrainedCaptions:
   """`constrained_beam_search` from encoded images: features [B, P, C]."""
-  cache = model.apply(variables, features, method=model.prepare)
   num_states = 2**phrases.shape[1]
-  carry = model.apply(variables, cache, num_states * beam_size,
-                      method=model.decode_initial_carry)
-  step = functools.partial(_model_step, model, variables, cache)
-  return search(step, carry, phrases, batch_size=features.shape[0],
-                beam_size=beam_size, max_len=max_len,
-                num_positions=features.shape[1], alpha=alpha,
+  decoding = predict.decoding(variables, features, num_states * beam_size)
+  return search(decoding.step, decoding.carry, phrases,
+                batch_size=features.shape[0], beam_size=beam_size,
+                max_len=max_len, num_positions=decoding.num_positions,
+                alpha=alpha,
                 num_return=num_return, ban_unk=ban_unk,
                 ban_repeated_trigrams=ban_repeated_trigrams, mask=mask)
 
 
 def concept_beam_search(
-    model: nn.Module, variables, batch: dict[str, jax.Array],
+    predict, variables, batch: dict[str, jax.Array],
     phrase_table: jax.Array, *, threshold: float, **search
 ) -> tuple[ConstrainedCaptions, jax.Array]:
   """The captions of a batch that name each image's confident concepts.
@@ -447,14 +442,13 @@ def concept_beam_search(
   Returns:
     (the captions, the concept ids int32 [B, C], -1 for none).
   """
-  features, logits = model.apply(variables, batch,
-                                 method=model.encode_with_concepts)
+  features, logits = predict.encode(variables, batch, concepts=True)
   ids = concept_head.confident(logits, threshold=threshold,
                                k=MAX_CONSTRAINTS)  # [B, C]
   phrases = jnp.where((ids >= 0)[..., None, None],
                       phrase_table[jnp.maximum(ids, 0)],
                       NO_TOKEN)  # [B, C, A, L]
-  return constrained_beam_search_features(model, variables, features,
+  return constrained_beam_search_features(predict, variables, features,
                                           phrases, **search), ids
 
 

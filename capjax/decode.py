@@ -2,13 +2,14 @@
 
 `beam_search` is batched over [batch, beam] with fixed shapes: one
 `lax.while_loop` whose state is the `BeamState` dataclass, no host round-trip
-per token. It steps the model's own single-step function (`decode_step`), the
-one teacher forcing scans, so what is decoded is what was trained. The LSTM
-carry is the only per-beam cache (gathered by beam index at every step); the
-image features and their attention keys are per image and shared by its
-beams, so they are never copied or gathered. `beam_search_features` starts
-from images already encoded, for callers that also use the features for
-something else.
+per token. It steps the decoder's own single-step function
+(`models.predict.Decoding`), the one teacher forcing runs, so what is
+decoded is what was trained. The decoder's carry (an LSTM state, a
+Transformer's keys and values) is the only per-beam state, gathered by beam
+index at every step; the image's cache (its features, their attention keys)
+is per image and shared by its beams, so it is never copied or gathered.
+`beam_search_features` starts from images already encoded, for callers that
+also use the features for something else.
 
 `sample` draws captions (or takes the arg-max: greedy decoding) in a
 fixed-length `lax.scan`, with the log-probabilities self-critical training
@@ -20,11 +21,9 @@ positions, n returned captions per image.
 """
 
 from collections.abc import Callable
-import functools
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -63,40 +62,37 @@ class Samples:
   alphas: jax.Array  # float32 [B, k, T, P]
 
 
-def sample(model: nn.Module, variables, cache, rng: jax.Array | None, *,
-           num_samples: int, max_len: int, temperature: float = 1.0,
-           min_words: int = 0, ban_unk: bool = False) -> Samples:
-  """Captions drawn word by word from the model, `num_samples` per image.
+def sample(decoding, rng: jax.Array | None, *, max_len: int,
+           temperature: float = 1.0, min_words: int = 0,
+           ban_unk: bool = False) -> Samples:
+  """Captions drawn word by word from the model, k per image.
 
-  A fixed-length `lax.scan` over the model's single step (evaluation mode:
-  no dropout), batched over images x samples; the image cache
-  (`decode_prepare`) is per image and shared by its samples. <pad> and <bos>
-  are never drawn, nor <unk> with `ban_unk`, nor <eos> before `min_words`
-  words.
+  A fixed-length `lax.scan` over the decoder's single step (evaluation
+  mode: no dropout), batched over images x samples; the image cache is per
+  image and shared by its samples. <pad> and <bos> are never drawn, nor
+  <unk> with `ban_unk`, nor <eos> before `min_words` words.
 
   Args:
-    model, variables: the captioner and its variables.
-    cache: `model.apply(variables, images, method=model.decode_prepare)`.
+    decoding: `predict.decoding(variables, features, k)`: k samples per
+      image.
     rng: draws from softmax(logits / temperature); None takes the arg-max
       (greedy decoding).
-    num_samples: k, captions per image.
     max_len: caption length with <bos>: T = max_len - 1 tokens are drawn.
     temperature: of the sampling distribution (and of `logprobs`).
     min_words: <eos> is banned at the first `min_words` positions.
     ban_unk: never draw <unk>.
 
   Returns:
-    The captions; `logprobs` are differentiable in `variables`.
+    The captions; `logprobs` are differentiable in the variables
+    `decoding` was made with.
   """
-  carry = model.apply(variables, cache, num_samples,
-                      method=model.decode_initial_carry)
-  batch = jax.tree.leaves(cache)[0].shape[0]
+  carry = decoding.carry
+  batch, num_samples = jax.tree.leaves(carry)[0].shape[:2]
   banned = [PAD, BOS] + ([UNK] if ban_unk else [])
 
   def body(state, t):
     carry, tokens, done = state  # tokens, done: [B, k]
-    carry, logits, alpha = model.apply(variables, carry, tokens, cache,
-                                       method=model.decode_step)
+    carry, logits, alpha = decoding.step(carry, tokens)
     logits = logits / temperature  # [B, k, V]
     logits = logits.at[..., jnp.array(banned)].set(NEG_INF)
     logits = logits.at[..., EOS].set(
@@ -316,25 +312,26 @@ def search(step: StepFn, carry: Any, *, batch_size: int, beam_size: int,
       alphas=jnp.where(valid[..., None], s.done_alphas[:, 0], 0.0))
 
 
-def beam_search(model: nn.Module, variables, images: jax.Array, *,
+def beam_search(predict, variables, images: jax.Array, *,
                 beam_size: int, max_len: int, alpha: float = 0.0,
                 num_return: int = 1, ban_unk: bool = False,
                 ban_repeated_trigrams: bool = False,
                 mask: jax.Array | None = None) -> Captions:
-  """The best captions of `images` [B, S, S, 3]; see `search` for the rest.
+  """The best captions of `images` [B, S, S, 3] by the model of `predict`
+  (`models.Predict`) with `variables`; see `search` for the rest.
 
   The encoder runs once per image; its features and attention keys serve
   all of the image's beams.
   """
-  features = model.apply(variables, images, method=model.encode)  # [B, P, C]
+  features = predict.encode(variables, {'image': images})  # [B, P, C]
   return beam_search_features(
-      model, variables, features, beam_size=beam_size, max_len=max_len,
+      predict, variables, features, beam_size=beam_size, max_len=max_len,
       alpha=alpha, num_return=num_return, ban_unk=ban_unk,
       ban_repeated_trigrams=ban_repeated_trigrams, mask=mask)
 
 
-def beam_search_features(model: nn.Module, variables, features: jax.Array,
-                         *, beam_size: int, max_len: int, alpha: float = 0.0,
+def beam_search_features(predict, variables, features: jax.Array, *,
+                         beam_size: int, max_len: int, alpha: float = 0.0,
                          num_return: int = 1, ban_unk: bool = False,
                          ban_repeated_trigrams: bool = False,
                          mask: jax.Array | None = None) -> Captions:
@@ -342,19 +339,11 @@ def beam_search_features(model: nn.Module, variables, features: jax.Array,
 
   For callers that use the features for more than the search (validation
   also computes teacher-forcing losses from them), so that the encoder runs
-  once: `features = model.apply(variables, images, method=model.encode)`.
+  once: `features = predict.encode(variables, batch)`.
   """
-  cache = model.apply(variables, features, method=model.prepare)
-  carry = model.apply(variables, cache, beam_size,
-                      method=model.decode_initial_carry)
-  step = functools.partial(_model_step, model, variables, cache)
-  return search(step, carry, batch_size=features.shape[0],
+  decoding = predict.decoding(variables, features, beam_size)
+  return search(decoding.step, decoding.carry, batch_size=features.shape[0],
                 beam_size=beam_size, max_len=max_len,
-                num_positions=features.shape[1], alpha=alpha,
+                num_positions=decoding.num_positions, alpha=alpha,
                 num_return=num_return, ban_unk=ban_unk,
                 ban_repeated_trigrams=ban_repeated_trigrams, mask=mask)
-
-
-def _model_step(model, variables, cache, carry, tokens):
-  return model.apply(variables, carry, tokens, cache,
-                     method=model.decode_step)

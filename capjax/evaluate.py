@@ -37,9 +37,9 @@ class _Job:
     self.data = prepare.prepare(config, workdir)
     self.par = parallel.Parallel(config)
     concepts = concepts_lib.for_run(config, self.data.builder, workdir)
-    self.model = models.build_captioner(
+    self.predict = models.Predict(models.build_captioner(
         config.model, len(self.data.vocab), config.data.normalization,
-        concepts.sizes if concepts else (0, 0))
+        concepts.sizes if concepts else (0, 0), max_len=config.data.max_len))
     self.checkpoints = checkpoint_lib.Checkpoints(
         workdir_lib.checkpoints_dir(workdir), config, create=False)
     self._evaluators = {}  # By feature cache folder (None: images).
@@ -52,7 +52,7 @@ class _Job:
 
   def evaluate(self, step: int | None) -> tuple[int, dict[str, float]]:
     state, step = workdir_lib.restore_trained(
-        self.workdir, self.config, self.data.vocab, self.model,
+        self.workdir, self.config, self.data.vocab, self.predict,
         self.par.replicated, step)
     metrics = self.evaluator(state).run(self.par.put_state(state), step,
                                         self.writer)
@@ -62,13 +62,13 @@ class _Job:
   def evaluator(self, state) -> evaluators.DecodeSplit:
     """The split's decoder, reading the features of `state`'s encoder when
     the feature cache is used (one per cache: a frozen encoder's)."""
-    data = cache_features.attach(self.config, self.data, self.model, state,
-                                 self.par)
+    data = cache_features.attach(self.config, self.data, self.predict,
+                                 state, self.par)
     key = data.features and data.features.folder
     if key not in self._evaluators:
       self._evaluators[key] = evaluators.DecodeSplit(
           'decode', config_lib.decode_split(self.config.decode.split),
-          config=self.config, par=self.par, model=self.model, data=data,
+          config=self.config, par=self.par, predict=self.predict, data=data,
           workdir=self.workdir)
     return self._evaluators[key]
 

@@ -133,11 +133,11 @@ def _thumbnail(pixels: np.ndarray) -> np.ndarray:
   return np.asarray(image)
 
 
-def _concept_search(model, phrase_table, threshold, variables, images, *,
+def _concept_search(predict, phrase_table, threshold, variables, images, *,
                     mask, **options):
   """`constrained.concept_beam_search` of images [B, S, S, 3]."""
   return constrained.concept_beam_search(
-      model, variables, {'image': images}, phrase_table, threshold=threshold,
+      predict, variables, {'image': images}, phrase_table, threshold=threshold,
       mask=mask, **options)
 
 
@@ -158,11 +158,11 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
   vocab = workdir_lib.load_vocab(workdir)
   concepts = (concepts_lib.load(workdir) if config.model.concepts.head
               else None)
-  model = models.build_captioner(config.model, len(vocab),
-                                 config.data.normalization,
-                                 concepts.sizes if concepts else (0, 0))
+  predict = models.Predict(models.build_captioner(
+      config.model, len(vocab), config.data.normalization,
+      concepts.sizes if concepts else (0, 0), max_len=config.data.max_len))
   # A damaged step's error names the caption CLI's option for another.
-  state, step = workdir_lib.restore_trained(workdir, config, vocab, model,
+  state, step = workdir_lib.restore_trained(workdir, config, vocab, predict,
                                             step=step, step_flag='--step')
   variables = state.variables()
   return Trained(config, vocab, variables, step, concepts)
@@ -201,9 +201,14 @@ class Captioner:
     if self.max_len < 2:
       raise UserError(f'max_len={self.max_len} must be >= 2')
     self._read_threads = read_threads
-    model = models.build_captioner(config.model, len(vocab),
-                                   config.data.normalization,
-                                   concepts.sizes if concepts else (0, 0))
+    if (self.max_len > config.data.max_len and
+        config.model.decoder.get('name') == 'transformer'):
+      raise UserError(f'max_len={self.max_len} is longer than the '
+                      f'{config.data.max_len} positions the transformer '
+                      'decoder was trained with')
+    predict = models.Predict(models.build_captioner(
+        config.model, len(vocab), config.data.normalization,
+        concepts.sizes if concepts else (0, 0), max_len=config.data.max_len))
     options = dict(beam_size=beam_size, max_len=self.max_len, alpha=alpha,
                    num_return=beam_size, ban_unk=True)
     self._phrases = None
@@ -212,7 +217,7 @@ class Captioner:
       if include:
         raise UserError('captions may include given phrases or the concept '
                         'head\'s concepts, not both')
-      if not model.concepts[1]:
+      if not predict.has_concepts:
         raise UserError('this captioner has no concept head: train it with '
                         '--config.model.concepts.head=True')
       if not 0 < concept_threshold < 1:
@@ -220,7 +225,7 @@ class Captioner:
                         '(0, 1)')
       self._concepts = concepts
       self._search = jax.jit(functools.partial(
-          _concept_search, model, jnp.asarray(concepts_lib.phrase_table(
+          _concept_search, predict, jnp.asarray(concepts_lib.phrase_table(
               concepts, vocab)), concept_threshold, **options))
     elif include:
       try:
@@ -230,9 +235,9 @@ class Captioner:
       except ValueError as e:
         raise UserError(f'cannot include {list(include)}: {e}') from None
       self._search = jax.jit(functools.partial(
-          constrained.constrained_beam_search, model, **options))
+          constrained.constrained_beam_search, predict, **options))
     else:
-      self._search = jax.jit(functools.partial(decode.beam_search, model,
+      self._search = jax.jit(functools.partial(decode.beam_search, predict,
                                                **options))
 
   @classmethod

@@ -13,6 +13,13 @@ wrappers run them on every device of every process:
 
 Both keep the state in the same canonical form outside the loop (one copy,
 what checkpoints hold), and `Parallel.put_state` / `get_state` convert.
+
+Inside a step, this module owns every collective, so that an objective
+computes its loss over the batch it sees and reads the same under both
+wrappers: `device_rng` (the random stream of this device at this step),
+`total` (sums over the global batch), `gradients` (of the global loss, from
+this device's share of it), `mean` (of what each device estimated alone:
+BatchNorm statistics) and `first` (the first device's value, for logs).
 """
 
 from collections.abc import Callable
@@ -31,6 +38,54 @@ from capjax.errors import UserError
 
 AXIS = 'data'
 KINDS = ('jit', 'pmap')
+
+
+# --- Inside a step: the collectives. ----------------------------------------
+
+
+def device_rng(rng: jax.Array, step: jax.Array) -> jax.Array:
+  """This device's key at `step`: a pure function of (seed, step, device),
+  so a resumed run draws what the straight one drew."""
+  return jax.random.fold_in(jax.random.fold_in(rng, step),
+                            jax.lax.axis_index(AXIS))
+
+
+def total(tree: Any) -> Any:
+  """Sums over the devices' shares: the global batch's."""
+  return jax.lax.psum(tree, AXIS)
+
+
+def mean(tree: Any) -> Any:
+  """The mean over devices of what each estimated from its share alone
+  (BatchNorm's batch statistics)."""
+  return jax.lax.pmean(tree, AXIS)
+
+
+def first(x: jax.Array) -> jax.Array:
+  """The first device's `x`, on every device (examples for the logs)."""
+  return jax.lax.all_gather(x, AXIS)[0]
+
+
+def gradients(loss_fn: Callable[..., Any], params: Any) -> tuple[Any, Any]:
+  """(the gradient of the global loss in `params`, this device's aux).
+
+  `loss_fn(params) -> (share, aux)` gives this device's share of the
+  global loss: its batch's sums over the global batch's counts (`total`),
+  so that the shares add up to the loss of one device holding the whole
+  batch; the gradients add up the same way.
+  """
+  n = jax.lax.psum(1, AXIS)
+
+  def scaled(params):
+    share, aux = loss_fn(params)
+    return n * share, aux
+
+  # The mean of n times each share's gradient is their sum. (A sum of the
+  # shares' own gradients is the same in exact arithmetic, but rounds
+  # otherwise where XLA flushes tiny values to zero: this form keeps the
+  # numbers of runs trained before it.)
+  grads, aux = jax.grad(scaled, has_aux=True)(params)
+  return mean(grads), aux
 
 
 class Parallel:

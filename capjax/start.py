@@ -35,7 +35,7 @@ class Start:
   data: prepare.Data
   par: parallel.Parallel
   objective: objectives.Objective
-  model: models.CaptionModel
+  predict: models.Predict  # The one road to the model.
   tx: optax.GradientTransformation
   meta: dict
   checkpoints: checkpoint_lib.Checkpoints
@@ -69,13 +69,13 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
   par = parallel.Parallel(config)
   objective = objectives.make(config, data)
   concepts = concepts_lib.for_run(config, data.builder, workdir)
-  model = models.build_captioner(
+  predict = models.Predict(models.build_captioner(
       config.model, len(data.vocab), config.data.normalization,
-      concepts.sizes if concepts else (0, 0))
+      concepts.sizes if concepts else (0, 0), max_len=config.data.max_len))
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   # Traced once: its output shapes are what a checkpoint restores into, and
   # a fresh run compiles the same trace.
-  init = jax.jit(functools.partial(state_lib.create, config, model, None),
+  init = jax.jit(functools.partial(state_lib.create, config, predict, None),
                  out_shardings=par.replicated).trace(init_rng)
   abstract = init.out_info
   tx = optimizer.make(config, abstract.params)
@@ -99,20 +99,21 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
     step = 0
     encoder_weights = None
     if config.model.encoder.pretrained:
-      encoder_abstract = {'params': abstract.params['encoder'],
-                          'batch_stats': abstract.batch_stats['encoder']}
+      # The ResNet's own variables, as the weight files hold them.
+      encoder_abstract = {k: v['encoder'] for k, v in
+                          abstract.variables(only='encoder').items()}
       encoder_weights = pretrained.load_encoder_weights(
           config.model.encoder, encoder_abstract)
     logging.info('Initialising the model (compiling its initialiser).')
     if encoder_weights is None:
       state = init.lower().compile()(init_rng)
     else:
-      state = jax.jit(functools.partial(state_lib.create, config, model, tx),
+      state = jax.jit(functools.partial(state_lib.create, config, predict, tx),
                       out_shardings=par.replicated)(init_rng, encoder_weights)
   if concepts:
     # Once the checkpoints are known to be this model's: a run refused
     # above leaves the workdir as it found it.
     concepts_lib.save_for_run(workdir, concepts)
-  return Start(data=data, par=par, objective=objective, model=model, tx=tx,
+  return Start(data=data, par=par, objective=objective, predict=predict, tx=tx,
                meta=meta, checkpoints=checkpoints, state=state, step=step,
                step_rng=step_rng, concepts=concepts)

@@ -10,12 +10,12 @@ import functools
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from capjax import models
 from capjax import optimizer
 
 
@@ -26,12 +26,17 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
 
-  def variables(self, params: Any = None) -> dict[str, Any]:
-    """What the model's `apply` takes: `params` (default: the state's own,
-    a loss function passes those it differentiates) and the BatchNorm
-    statistics. The one place the jobs build it."""
-    return {'params': self.params if params is None else params,
-            'batch_stats': self.batch_stats}
+  def variables(self, params: Any = None,
+                only: str | None = None) -> dict[str, Any]:
+    """What the model's predict functions take: `params` (default: the
+    state's own, a loss function passes those it differentiates) and the
+    BatchNorm statistics; with `only` ('encoder'), that part of them alone.
+    The one place the jobs build them."""
+    variables = {'params': self.params if params is None else params,
+                 'batch_stats': self.batch_stats}
+    if only:
+      variables = {k: {only: v[only]} for k, v in variables.items()}
+    return variables
 
 
 def example_inputs(config: ml_collections.ConfigDict
@@ -52,12 +57,12 @@ def fresh(params: Any, batch_stats: Any,
                     batch_stats=batch_stats, opt_state=tx.init(params))
 
 
-def create(config: ml_collections.ConfigDict, model: nn.Module,
+def create(config: ml_collections.ConfigDict, predict: models.Predict,
            tx: optax.GradientTransformation | None, rng: jax.Array,
            encoder_weights: Any = None) -> TrainState:
   """A fresh state: random init, then pretrained encoder weights if given
   ({'params', 'batch_stats'} of the encoder). `tx` None: the config's."""
-  variables = model.init(rng, *example_inputs(config))
+  variables = predict.init(rng, *example_inputs(config))
   params, batch_stats = variables['params'], variables['batch_stats']
   if encoder_weights is not None:
     params = dict(params, encoder=encoder_weights['params'])
@@ -65,10 +70,10 @@ def create(config: ml_collections.ConfigDict, model: nn.Module,
   return fresh(params, batch_stats, tx or optimizer.make(config, params))
 
 
-def abstract(config: ml_collections.ConfigDict, model: nn.Module,
+def abstract(config: ml_collections.ConfigDict, predict: models.Predict,
              sharding: jax.sharding.Sharding) -> TrainState:
   """The state's shapes and dtypes, placed by `sharding`; no compute."""
-  shapes = jax.eval_shape(functools.partial(create, config, model, None),
+  shapes = jax.eval_shape(functools.partial(create, config, predict, None),
                           jax.random.key(0))
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),

@@ -81,8 +81,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_chief = jax.process_index() == 0
   # ------------------------------------------- data, model, first state
   begun = start_lib.start(config, workdir)
-  data, par, objective, model, tx, meta, checkpoints, state, start = (
-      begun.data, begun.par, begun.objective, begun.model, begun.tx,
+  data, par, objective, predict, tx, meta, checkpoints, state, start = (
+      begun.data, begun.par, begun.objective, begun.predict, begun.tx,
       begun.meta, begun.checkpoints, begun.state, begun.step)
   if start >= t.num_steps:
     logging.info('Already trained to step %d of %d.', start, t.num_steps)
@@ -90,7 +90,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---------------------------------------------------------------- input
   try:
     # From the feature cache of this state's encoder, when it is used.
-    data = cache_features.attach(config, data, model, state, par)
+    data = cache_features.attach(config, data, predict, state, par)
     targets = None
     if begun.concepts:  # What the concept head learns, by image id.
       targets = concepts_lib.targets(data.builder, config.data.train_split,
@@ -125,19 +125,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # --------------------------------------------------------------- update
   constants = tuple(par.put_constant(c) for c in objective.constants)
-  make_step = lambda m: par.step(
-      functools.partial(objective.step, model=m, tx=tx, config=config),
+  make_step = lambda p: par.step(
+      functools.partial(objective.step, predict=p, tx=tx, config=config),
       constant_argnums=tuple(range(3, 3 + len(constants))))
-  p_train = make_step(model)
+  p_train = make_step(predict)
   # Until the encoder starts learning (train.encoder_from_step) its update is
   # masked anyway; the frozen model stops the gradient at its features, so
   # XLA drops the encoder's backward pass, about two thirds of its cost. Both
   # steps take and return the same state: checkpoints do not record which
   # one ran.
   frozen_until = _frozen_until(config)
-  p_frozen = make_step(model.clone(frozen=True)) if frozen_until > start else (
-      None)
-  evals = evaluators.build(config, par=par, model=model, data=data,
+  p_frozen = make_step(predict.frozen()) if frozen_until > start else None
+  evals = evaluators.build(config, par=par, predict=predict, data=data,
                            workdir=workdir)
   periodic = {n: e for n, e in evals.items() if e.every_steps > 0}
   at_end = {n: e for n, e in evals.items() if e.every_steps == 0}

@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
-import flax.linen as nn
 import jax
 import ml_collections
 
@@ -148,7 +147,7 @@ def load_vocab(workdir: str) -> vocab_lib.Vocab:
 
 
 def restore_trained(workdir: str, config: ml_collections.ConfigDict,
-                    vocab: vocab_lib.Vocab, model: nn.Module,
+                    vocab: vocab_lib.Vocab, predict: Any,
                     sharding: jax.sharding.Sharding | None = None,
                     step: int | None = None,
                     step_flag: str = '--config.decode.checkpoint_step'
@@ -159,7 +158,8 @@ def restore_trained(workdir: str, config: ml_collections.ConfigDict,
   `sharding`: by default on the first local device. A checkpoint of another
   model or vocabulary than `config.model` and `vocab` is an error; a damaged
   one a `checkpoint.DamagedCheckpoint` naming `step_flag`, the caller's
-  option that picks another step.
+  option that picks another step. `predict` is the model's
+  `models.Predict`.
   """
   _check_exists(workdir)
   directory = checkpoints_dir(workdir)
@@ -170,7 +170,7 @@ def restore_trained(workdir: str, config: ml_collections.ConfigDict,
   checkpoints = checkpoint_lib.Checkpoints(directory, config, create=False)
   try:
     return checkpoints.restore_state(
-        state_lib.abstract(config, model, sharding),
+        state_lib.abstract(config, predict, sharding),
         checkpoint_lib.meta(config, vocab), step, step_flag)
   finally:
     checkpoints.close()

@@ -21,6 +21,9 @@ def get_config():
   m.encoder.frozen = False
   m.encoder.freeze_bn = False
   m.decoder.embed_dim = m.decoder.hidden_dim = m.decoder.attention_dim = 16
+  # With --config.model.decoder.name=transformer: one layer each side.
+  m.decoder.transformer.update(encoder_layers=1, layers=1, model_dim=16,
+                               heads=2, mlp_dim=32)
   t = config.train
   t.num_steps = 6
   t.warmup_steps = 2

@@ -171,11 +171,13 @@ def random_batch(config, seed=0):
 
 
 def init_model(config):
-  model = models.build_captioner(config.model, VOCAB_SIZE)
-  state = jax.jit(functools.partial(state_lib.create, config, model,
+  """(predict, tx, state): the model of `config` with VOCAB_SIZE words."""
+  predict = models.Predict(models.build_captioner(
+      config.model, VOCAB_SIZE, max_len=config.data.max_len))
+  state = jax.jit(functools.partial(state_lib.create, config, predict,
                                     None))(jax.random.key(0))
   tx = optimizer.make(config, state.params)
-  return model, tx, state
+  return predict, tx, state
 
 
 COCO_WORDS = ('a man woman dog cat riding sitting on the red bench table '

@@ -69,7 +69,7 @@ def _files(folder):
 def _validate(config, s, data, monkeypatch):
   """Validation's metrics, and the captions it decoded by image id."""
   evaluator = evaluators.Validation(
-      'val', config.evals.val, config=config, par=s.par, model=s.model,
+      'val', config.evals.val, config=config, par=s.par, predict=s.predict,
       data=data, workdir='')
   writer = metric_writers.create_default_writer(None, just_logging=True)
   captions = {}
@@ -94,7 +94,7 @@ def test_features_give_the_results_of_the_images(test_config, tmp_path,
   config.evals.val.num_batches = -1  # All 64 images.
   s = start_lib.start(config, str(tmp_path))
   s.checkpoints.close()
-  data = cache_features.attach(config, s.data, s.model, s.state, s.par)
+  data = cache_features.attach(config, s.data, s.predict, s.state, s.par)
   assert data.features and s.data.features is None
   example = data.source('validation')[0]
   assert 'image' not in example
@@ -119,20 +119,20 @@ def test_the_fingerprint_follows_weights_and_resolution(test_config,
   config = _frozen(test_config, seed=2)
   s = start_lib.start(config, str(tmp_path))
   s.checkpoints.close()
-  cache = cache_features.cache_of(config, s.data, s.model, s.state)
+  cache = cache_features.cache_of(config, s.data, s.predict, s.state)
   # configs/test.py's resnet_small at 32 px: a 2x2 grid of 64 channels.
   assert cache.description['shape'] == [2, 2, 64]
-  again = cache_features.cache_of(config, s.data, s.model, s.state)
+  again = cache_features.cache_of(config, s.data, s.predict, s.state)
   assert again.fingerprint == cache.fingerprint
   leaves, tree = jax.tree.flatten(s.state.params['encoder'])
   leaves[0] = np.asarray(leaves[0]) + 0.01  # One weight tensor, moved.
   changed = s.state.replace(params=dict(
       s.state.params, encoder=jax.tree.unflatten(tree, leaves)))
-  other = cache_features.cache_of(config, s.data, s.model, changed)
+  other = cache_features.cache_of(config, s.data, s.predict, changed)
   assert other.fingerprint != cache.fingerprint
   assert other.folder != cache.folder
   config.data.image_size = 48
-  bigger = cache_features.cache_of(config, s.data, s.model, s.state)
+  bigger = cache_features.cache_of(config, s.data, s.predict, s.state)
   assert bigger.fingerprint not in (cache.fingerprint, other.fingerprint)
 
 
@@ -141,7 +141,7 @@ def test_an_interrupted_build_resumes_to_the_same_files(
   config = _frozen(test_config, seed=3)
   s = start_lib.start(config, str(tmp_path / 'run'))
   s.checkpoints.close()
-  whole = cache_features.build(config, s.data, s.model, s.state, s.par,
+  whole = cache_features.build(config, s.data, s.predict, s.state, s.par,
                                ['train'])
   expected = _files(whole.folder)
   assert len([n for n in expected if n.startswith('train-')]) == 6
@@ -159,14 +159,14 @@ def test_an_interrupted_build_resumes_to_the_same_files(
 
   monkeypatch.setattr(pipeline, 'pixels', dies_in_shard_3)
   with pytest.raises(RuntimeError, match='killed'):
-    cache_features.build(config, s.data, s.model, s.state, s.par, ['train'])
+    cache_features.build(config, s.data, s.predict, s.state, s.par, ['train'])
   left = sorted(os.listdir(whole.folder))
   assert left == [f'train-{i:05d}.array_record' for i in range(3)]
   monkeypatch.setattr(pipeline, 'pixels', real)
   calls.clear()
   monkeypatch.setattr(pipeline, 'pixels', lambda x, size: (
       calls.append(1), real(x, size))[1])
-  cache_features.build(config, s.data, s.model, s.state, s.par, ['train'])
+  cache_features.build(config, s.data, s.predict, s.state, s.par, ['train'])
   assert len(calls) == 256 - 3 * 48  # Shards 0-2 were not encoded again.
   assert _files(whole.folder) == expected
 
@@ -188,16 +188,16 @@ def test_refusals_are_one_line(test_config, tmp_path):
   s = start_lib.start(config, str(tmp_path))
   s.checkpoints.close()
   # A cache of these weights, stored otherwise: not the one asked for.
-  cache_features.build(config, s.data, s.model, s.state, s.par,
+  cache_features.build(config, s.data, s.predict, s.state, s.par,
                        ['validation'], force=True)
   config.data.features.dtype = 'float32'
   config.data.prepare = False
   with pytest.raises(UserError, match='no features of train, test, '
                      'validation for this encoder.*other caches there are of '
                      'other weights.*--mode=cache_features'):
-    cache_features.attach(config, s.data, s.model, s.state, s.par)
+    cache_features.attach(config, s.data, s.predict, s.state, s.par)
   # Made for one split only: asking for another is named.
-  built = cache_features.build(config, s.data, s.model, s.state, s.par,
+  built = cache_features.build(config, s.data, s.predict, s.state, s.par,
                                ['validation'], force=True)
   data = dataclasses.replace(s.data, features=built)
   with pytest.raises(UserError, match='has no features of test'):
@@ -209,7 +209,7 @@ def test_refusals_are_one_line(test_config, tmp_path):
   with pytest.raises(UserError, match='has no features of validation'):
     data.source('validation')
   config.data.prepare = True
-  cache_features.attach(config, s.data, s.model, s.state, s.par)
+  cache_features.attach(config, s.data, s.predict, s.state, s.par)
   assert len(data.source('validation')) == 64
 
 
@@ -229,7 +229,7 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   _assert_close(from_images.params, straight.params)
   s = start_lib.start(config, workdir)  # At step 6.
   s.checkpoints.close()
-  cache = cache_features.cache_of(config, s.data, s.model, s.state)
+  cache = cache_features.cache_of(config, s.data, s.predict, s.state)
   assert not cache.missing(cache_features.splits(config))
   # A batch of the training pipeline carries features, not images.
   batch = next(iter(pipeline.train_dataset(
@@ -281,7 +281,7 @@ config = t._frozen(test.get_config(), seed=6)
 config.data.data_dir = sys.argv[1]
 s = start_lib.start(config, sys.argv[2])
 s.checkpoints.close()
-cache = cache_features.build(config, s.data, s.model, s.state, s.par,
+cache = cache_features.build(config, s.data, s.predict, s.state, s.par,
                              ['validation'])
 print(cache.folder)
 '''
@@ -291,7 +291,7 @@ def test_a_second_builder_waits_for_the_first(test_config, tmp_path):
   config = _frozen(test_config, seed=6)
   s = start_lib.start(config, str(tmp_path / 'one'))
   s.checkpoints.close()
-  cache = cache_features.cache_of(config, s.data, s.model, s.state)
+  cache = cache_features.cache_of(config, s.data, s.predict, s.state)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [os.path.dirname(__file__), REPO]))
   lines = []

@@ -83,9 +83,8 @@ def forward(frozen: bool = True):
 
 
 @functools.cache
-def prepare():
-  model = make_model()
-  return jit(functools.partial(model.apply, method=model.decode_prepare))
+def encode():
+  return jit(models.Predict(make_model()).encode)
 
 
 def count_convs(jaxpr) -> int:
@@ -136,25 +135,23 @@ def test_shapes(variables, images, captions):
   assert alphas.shape == (B, K, L - 1, P) and alphas.dtype == jnp.float32
   np.testing.assert_allclose(alphas.sum(-1), np.ones((B, K, L - 1)),
                              rtol=1e-5)
-  model = make_model()
-  features = jax.eval_shape(functools.partial(
-      model.apply, method=model.encode), variables, images)
+  predict = models.Predict(make_model())
+  features = jax.eval_shape(predict.encode, variables, {'image': images})
   assert features.shape == (B, P, resnet.feature_dim('resnet_tiny'))
+  grid = jax.eval_shape(predict.grid, variables, images)
+  assert grid.shape == (B, S // 32, S // 32, resnet.feature_dim('resnet_tiny'))
 
 
-def test_methods_from_features_and_on_a_clone(variables, images, captions):
-  """encode then teacher_forcing is __call__, also through a clone."""
+def test_predict_from_features_and_on_a_clone(variables, images, captions):
+  """encode then logits is __call__, also through a clone."""
   logits, alphas = forward()(variables, images, captions)
-  model = make_model()
-  # The methods of `model`, applied to a clone of it (as the FLOP count
-  # does): flax binds their functions to the module `apply` runs on.
-  unrolled = model.clone(unroll=True)
+  # The predict functions of a clone of the model (as the FLOP count runs
+  # them): its decoder's scan unrolled.
+  unrolled = models.Predict(make_model()).unrolled()
 
   def from_features(variables, images, captions):
-    features = unrolled.apply(variables, images,
-                              method=model.encode)  # [B, P, C]
-    return unrolled.apply(variables, features, captions,
-                          method=model.teacher_forcing)
+    features = unrolled.encode(variables, {'image': images})  # [B, P, C]
+    return unrolled.logits(variables, features, captions)
 
   split_logits, split_alphas = jit(from_features)(variables, images,
                                                   captions)
@@ -222,30 +219,32 @@ def test_frozen_encoder(variables, images, captions, frozen):
 
 
 def test_decode_steps_match_teacher_forcing(variables, images, captions):
-  model = make_model()
+  predict = models.Predict(make_model())
   logits, alphas = forward()(variables, images, captions)
-  cache = prepare()(variables, images)
-  carry = model.apply(variables, cache, K, method=model.decode_initial_carry)
-  step = jit(functools.partial(model.apply, method=model.decode_step))
+  decoding = predict.decoding(variables,
+                              encode()(variables, {'image': images}), K)
+  step = jit(decoding.step)
+  carry = decoding.carry
   for t in range(L - 1):
-    carry, step_logits, alpha = step(variables, carry, captions[..., t], cache)
+    carry, step_logits, alpha = step(carry, captions[..., t])
     np.testing.assert_allclose(step_logits, logits[:, :, t],
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(alpha, alphas[:, :, t], rtol=1e-5, atol=1e-6)
 
 
 def test_jitted_decode_step_traces_once(variables, images):
-  model = make_model()
+  predict = models.Predict(make_model())
+  features = encode()(variables, {'image': images})
+  cache = predict.decoding(variables, features, K).cache
   traces = []
 
   @jax.jit
   def step(variables, carry, tokens, cache):
     traces.append(1)  # Runs only while tracing.
-    return model.apply(variables, carry, tokens, cache,
-                       method=model.decode_step)
+    return predict.decoding(variables, features, K,
+                            cache=cache).step(carry, tokens)
 
-  cache = prepare()(variables, images)
-  carry = model.apply(variables, cache, K, method=model.decode_initial_carry)
+  carry = predict.decoding(variables, features, K, cache=cache).carry
   tokens = jnp.full((B, K), vocab.BOS, jnp.int32)
   for _ in range(3):
     carry, logits, _ = step(variables, carry, tokens, cache)

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from capjax import checkpoint
+from capjax.data.vocab import Vocab
 from capjax.errors import UserError
 
 # Not conftest's: the jobs these tests start import this module, and must
@@ -58,6 +59,13 @@ def _state(value=1.0, leaves=1, shape=(4,)):
 def _abstract(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                       state)
+
+
+class _Shapes(types.SimpleNamespace):
+  """A state's shapes as `load_weights` reads them (`TrainState`'s)."""
+
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
 def _save(directory, steps, leaves=1):
@@ -337,7 +345,7 @@ def test_another_models_checkpoint_is_named_by_each_reader(tmp_path):
       r'\(model.decoder.hidden_dim: 16 -> 24\); decode with the config')):
     ckpt.restore_state(_abstract(state), other)
   ckpt.close()
-  abstract = types.SimpleNamespace(**_abstract(state))
+  abstract = _Shapes(**_abstract(state))
   with pytest.raises(UserError, match=(
       rf'^--config.init_from={re.escape(str(tmp_path))} holds another model '
       r'or vocabulary \(model.decoder.hidden_dim: 16 -> 24\); start from a '
@@ -350,6 +358,30 @@ def test_another_models_checkpoint_is_named_by_each_reader(tmp_path):
   np.testing.assert_array_equal(params['w0'], state['params']['w0'])
   np.testing.assert_array_equal(batch_stats['mean'],
                                 state['batch_stats']['mean'])
+
+
+def test_checkpoints_name_their_decoder_also_from_before_names(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  _save(directory, [1])  # Its model record has no decoder name: an old run.
+  config = _config()
+  vocab = Vocab(['<pad>', '<bos>', '<eos>', '<unk>', 'a'])
+  # Today's record of configs/test.py's model: a show_attend_tell decoder,
+  # without the transformer's sizes, which it does not use.
+  assert checkpoint.meta(config, vocab)['model']['decoder'] == {
+      'name': 'show_attend_tell', 'embed_dim': 16, 'hidden_dim': 16,
+      'attention_dim': 16, 'dropout': 0.5}
+  ckpt = checkpoint.Checkpoints(str(directory), config)
+  named = _meta()
+  named['model']['decoder']['name'] = 'show_attend_tell'
+  _, step = ckpt.restore(_abstract(_state()), named)
+  assert step == 1
+  # Another decoder: one line naming both.
+  named['model']['decoder']['name'] = 'updown'
+  with pytest.raises(UserError, match=(
+      r'belong to a show_attend_tell decoder, not the '
+      r"--config.model.decoder.name='updown' asked for; use a new --workdir")):
+    ckpt.restore(_abstract(_state()), named)
+  ckpt.close()
 
 
 def test_the_best_step_by_a_lower_is_better_metric_is_kept(tmp_path):
@@ -429,8 +461,8 @@ def test_changed_bytes_are_caught_by_every_restore(tmp_path, caplog):
       r"array differs .*; start from another of its steps \(1\)")):
     checkpoint.load_weights(
         str(directory / '2'), _config(),
-        types.SimpleNamespace(params=abstract['params'],
-                              batch_stats=abstract['batch_stats']), _meta())
+        _Shapes(params=abstract['params'],
+                batch_stats=abstract['batch_stats']), _meta())
 
   # Training sets the step aside and resumes from the one before.
   ckpt = checkpoint.Checkpoints(str(directory), _config())

@@ -210,8 +210,9 @@ def test_the_train_step_adds_the_weighted_concept_loss(test_config):
   config = step_config(test_config)  # 8 devices, jit.
   config.model.concepts.head = True
   config.train.concept_weight = 2.0
-  model = models.build_captioner(config.model, VOCAB_SIZE, concepts=(6, 6))
-  state = jax.jit(functools.partial(state_lib.create, config, model,
+  predict = models.Predict(models.build_captioner(config.model, VOCAB_SIZE,
+                                                  concepts=(6, 6)))
+  state = jax.jit(functools.partial(state_lib.create, config, predict,
                                     None))(jax.random.key(0))
   tx = optimizer.make(config, state.params)
   rng = np.random.default_rng(0)
@@ -220,8 +221,8 @@ def test_the_train_step_adds_the_weighted_concept_loss(test_config):
       'concepts/object': rng.integers(-1, 6, (16, 4)),
       'concepts/centre': rng.uniform(0, 1, (16, 4, 2)).astype(np.float32)}
   par = parallel.Parallel(config)
-  step = par.step(functools.partial(cross_entropy.train_step, model=model,
-                                    tx=tx, config=config))
+  step = par.step(functools.partial(cross_entropy.train_step,
+                                    predict=predict, tx=tx, config=config))
   _, metrics = step(par.put_state(state), par.put_batch(batch),
                     jax.random.key(1))
   m = {k: float(v) for k, v in metrics.items()}
@@ -306,11 +307,12 @@ def test_the_api_names_the_confident_concepts(headed, shapes_data_dir):
     assert r.satisfied == all(tuple(c.split()) in named for c in r.concepts)
   # The concepts are the head's own on the captioner's input.
   trained = inference.load_trained(headed)
-  model = models.build_captioner(trained.config.model, len(trained.vocab),
-                                 concepts=trained.concepts.sizes)
+  predict = models.Predict(models.build_captioner(
+      trained.config.model, len(trained.vocab),
+      concepts=trained.concepts.sizes))
   pixels = np.stack([images_lib.resize(im, 32) for im in images])
-  _, logits = model.apply(trained.variables, {'image': pixels},
-                          method=model.encode_with_concepts)
+  _, logits = predict.encode(trained.variables, {'image': pixels},
+                             concepts=True)
   ids = head_lib.confident(logits, threshold=0.3, k=4)
   assert [r.concepts for r in results] == [
       [trained.concepts.name(c) for c in row if c >= 0] for row in ids]

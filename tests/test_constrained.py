@@ -212,22 +212,22 @@ def test_on_the_captioner():
   `decode.beam_search`'s captions, the others contain their phrases."""
   config = config_lib.defaults().model
   config.decoder.update(embed_dim=16, hidden_dim=24, attention_dim=12)
-  model = models.build_captioner(config, 9)
+  predict = models.Predict(models.build_captioner(config, 9))
   features = jnp.asarray(np.random.default_rng(0).standard_normal(
       (3, 4, 8)), jnp.float32)  # [B, P, C]
   # The decoder's variables only: the search never encodes.
   variables = jax.jit(functools.partial(
-      model.init, method=model.teacher_forcing))(
+      predict.model.init, method=predict.model.logits))(
           jax.random.key(0), features[:1], jnp.zeros((1, 1, 4), jnp.int32))
   # Sharper logits than the random init's, so that captions end early.
   variables = jax.tree.map(lambda x: x * 3, variables)
   sets = [[[[5, 6]], [[7]]], [[[8], [4]]], []]
   options = dict(beam_size=2, max_len=8, alpha=0.6, ban_unk=True)
   out = jax.jit(functools.partial(
-      constrained.constrained_beam_search_features, model, **options))(
+      constrained.constrained_beam_search_features, predict, **options))(
           variables, features, phrases_array(sets, a=2, l=2))
   expected = jax.jit(functools.partial(
-      decode.beam_search_features, model, **options))(variables, features)
+      decode.beam_search_features, predict, **options))(variables, features)
   np.testing.assert_array_equal(out.tokens[2], expected.tokens[2])
   np.testing.assert_allclose(out.scores[2], expected.scores[2], rtol=1e-5)
   assert out.alphas.shape == expected.alphas.shape == (3, 7, 4)

@@ -11,16 +11,17 @@ import pytest
 from capjax import parallel
 from capjax import train
 from capjax.errors import UserError
+from capjax.models import decoders
 from capjax.objectives import cross_entropy
 from conftest import init_model
 from conftest import random_batch
 from conftest import step_config
 
 
-def _single_device_run(config, model, tx, state, batches, rng):
+def _single_device_run(config, predict, tx, state, batches, rng):
   """The reference: one device holding the whole global batch."""
   step = jax.jit(jax.vmap(
-      functools.partial(cross_entropy.train_step, model=model, tx=tx,
+      functools.partial(cross_entropy.train_step, predict=predict, tx=tx,
                         config=config),
       in_axes=(None, 0, None), out_axes=0, axis_name=parallel.AXIS))
   for batch in batches:
@@ -29,11 +30,13 @@ def _single_device_run(config, model, tx, state, batches, rng):
   return state
 
 
+@pytest.mark.parametrize('decoder', decoders.NAMES)
 @pytest.mark.parametrize('kind', ['jit', 'pmap'])
-def test_data_parallel_equals_one_device(test_config, kind):
+def test_data_parallel_equals_one_device(test_config, kind, decoder):
   assert jax.device_count() == 8
   config = step_config(test_config, kind)
-  model, _, state = init_model(config)
+  config.model.decoder.name = decoder
+  predict, _, state = init_model(config)
   # Plain SGD: Adam divides by the gradients' own scale, which turns float
   # rounding (sums in another order on 8 devices) into visible differences
   # for parameters whose gradients are nearly zero.
@@ -42,10 +45,10 @@ def test_data_parallel_equals_one_device(test_config, kind):
   initial = jax.tree.map(np.array, state.params)  # The step donates `state`.
   batches = [random_batch(config, seed) for seed in range(3)]
   rng = jax.random.key(1)
-  want = _single_device_run(config, model, tx, state, batches, rng)
+  want = _single_device_run(config, predict, tx, state, batches, rng)
 
   par = parallel.Parallel(config)
-  step = par.step(functools.partial(cross_entropy.train_step, model=model,
+  step = par.step(functools.partial(cross_entropy.train_step, predict=predict,
                                     tx=tx, config=config))
   got = par.put_state(state)
   for batch in batches:
@@ -63,12 +66,13 @@ def test_data_parallel_equals_one_device(test_config, kind):
 
 def test_step_compiles_once(test_config):
   config = step_config(test_config)
-  model, tx, state = init_model(config)
+  predict, tx, state = init_model(config)
   traces = []
 
   def counted(*args):
     traces.append(1)
-    return cross_entropy.train_step(*args, model=model, tx=tx, config=config)
+    return cross_entropy.train_step(*args, predict=predict, tx=tx,
+                                    config=config)
   par = parallel.Parallel(config)
   step = par.step(counted)
   state = par.put_state(state)
@@ -80,9 +84,9 @@ def test_step_compiles_once(test_config):
 
 def test_nonfinite_step_is_skipped_and_stops_the_job(test_config):
   config = step_config(test_config)
-  model, tx, state = init_model(config)
+  predict, tx, state = init_model(config)
   par = parallel.Parallel(config)
-  step = par.step(functools.partial(cross_entropy.train_step, model=model,
+  step = par.step(functools.partial(cross_entropy.train_step, predict=predict,
                                     tx=tx, config=config))
   batch = random_batch(config)
   # The model also takes float pixels; a NaN one poisons the loss.

@@ -1,6 +1,7 @@
 """Beam search (capjax.decode) against exhaustive search, greedy and padding."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from capjax import config as config_lib
 from capjax import decode
 from capjax import models
+from capjax.models import decoders
 from capjax.data.vocab import BOS, EOS, PAD, UNK
 
 V = 6  # <pad> <bos> <eos> <unk> and two words.
@@ -190,48 +192,97 @@ def test_trigram_ban_in_search():
 # ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope='module')
-def captioner():
+@pytest.fixture(scope='module', params=decoders.NAMES)
+def captioner(request):
+  """(predict, variables, images) of a tiny captioner with each decoder."""
   config = config_lib.defaults().model
   config.encoder.arch = 'resnet_tiny'
-  config.decoder.update(embed_dim=16, hidden_dim=24, attention_dim=12)
-  model = models.build_captioner(config, 9)
+  config.decoder.update(name=request.param, embed_dim=16, hidden_dim=24,
+                        attention_dim=12)
+  config.decoder.transformer.update(encoder_layers=1, layers=2, model_dim=16,
+                                    heads=2, mlp_dim=32)
+  predict = models.Predict(models.build_captioner(config, 9, max_len=8))
   images = jnp.asarray(np.random.default_rng(0).standard_normal(
       (5, 64, 64, 3)), jnp.float32)
-  variables = jax.jit(model.init)(jax.random.key(0), images[:1],
-                                  jnp.zeros((1, 1, 4), jnp.int32))
+  variables = jax.jit(predict.init)(jax.random.key(0), images[:1],
+                                    jnp.zeros((1, 1, 4), jnp.int32))
   # Sharper logits than the random init's, so that captions end early.
   variables = jax.tree.map(lambda x: x * 3, variables)
-  return model, variables, images
+  return predict, variables, images
 
 
 def test_beam_one_is_greedy(captioner):
-  model, variables, images = captioner
+  predict, variables, images = captioner
 
   @jax.jit
   def greedy(variables, images):
-    cache = model.apply(variables, images, method=model.decode_prepare)
-    out = decode.sample(model, variables, cache, None, num_samples=1,
+    features = predict.encode(variables, {'image': images})
+    out = decode.sample(predict.decoding(variables, features, 1), None,
                         max_len=8)
     return out.tokens[:, 0], out.alphas[:, 0]
 
   greedy_tokens, greedy_alphas = greedy(variables, images)
   out = jax.jit(functools.partial(
-      decode.beam_search, model, beam_size=1, max_len=8))(variables, images)
+      decode.beam_search, predict, beam_size=1, max_len=8))(variables, images)
   np.testing.assert_array_equal(out.tokens[:, 0], greedy_tokens)
   ended = np.asarray(greedy_tokens != PAD)
   np.testing.assert_allclose(np.asarray(out.alphas)[ended],
                              np.asarray(greedy_alphas)[ended], atol=1e-6)
 
 
+def test_wide_beam_equals_exhaustive_search_of_each_decoder(captioner):
+  """A beam as wide as every live prefix finds the caption that teacher
+  forcing gives the highest log-probability, of all there are: the steps
+  beam search takes are the decoder's own, carry reordering included."""
+  predict, variables, images = captioner
+  # The random init's own weights: its flatter word distributions make
+  # greedy decoding miss the best caption, where the fixture's sharpened
+  # ones stop at once.
+  variables = jax.tree.map(lambda x: x / 3, variables)
+  max_len, vocab = 4, 9  # 3 positions; words 4..8, <eos>; <unk> banned.
+  words = list(range(4, vocab))
+  captions = [c + (EOS,) for n in range(max_len - 1)
+              for c in itertools.product(words, repeat=n)]
+  captions += list(itertools.product(words, repeat=max_len - 1))
+  tokens = np.full((len(captions), max_len), PAD, np.int32)
+  for i, c in enumerate(captions):
+    tokens[i, :len(c) + 1] = (BOS,) + c
+  # Features of 8 images of their own: random images look alike to a random
+  # encoder.
+  shape = predict.encode(variables, {'image': images}).shape  # [B, P, C]
+  features = jax.random.normal(jax.random.key(5), (8,) + shape[1:])
+  logits, _ = jax.jit(predict.logits)(
+      variables, features, jnp.broadcast_to(
+          tokens, (8,) + tokens.shape))  # [B, N, T, V]
+  # Beam search scores by the model's log-probabilities (banned words are
+  # left out of the candidates, not of the softmax).
+  logp = np.asarray(jax.nn.log_softmax(logits))  # [B, N, T, V]
+  targets = tokens[:, 1:]  # [N, T]
+  chosen = np.take_along_axis(logp, np.broadcast_to(
+      targets[..., None], logp.shape[:3] + (1,)), -1)[..., 0]  # [B, N, T]
+  totals = np.sum(np.where(targets != PAD, chosen, 0.0), -1)  # [B, N]
+  # 5^2 = 25 live prefixes at the last position: a beam of 25 is exact.
+  out = jax.jit(functools.partial(
+      decode.beam_search_features, predict, beam_size=25, max_len=max_len,
+      ban_unk=True))(variables, features)
+  best = np.argmax(totals, -1)  # [B]
+  np.testing.assert_array_equal(out.tokens[:, 0], targets[best])
+  np.testing.assert_allclose(out.logprobs[:, 0], totals.max(-1), rtol=1e-5)
+  greedy = decode.beam_search_features(predict, variables, features,
+                                       beam_size=1, max_len=max_len,
+                                       ban_unk=True)
+  # Worth testing only if greedy decoding misses the best somewhere.
+  assert (np.asarray(greedy.tokens[:, 0]) != targets[best]).any()
+
+
 def test_model_search_compiles_once_and_batches_independently(captioner):
-  model, variables, images = captioner
+  predict, variables, images = captioner
   traces = []
 
   @jax.jit
   def search(variables, images, mask):
     traces.append(1)
-    return decode.beam_search(model, variables, images, beam_size=3,
+    return decode.beam_search(predict, variables, images, beam_size=3,
                               max_len=8, num_return=2, alpha=0.6, mask=mask)
 
   mask = jnp.array([True, True, True, False, False])
@@ -247,19 +298,19 @@ def test_model_search_compiles_once_and_batches_independently(captioner):
 
 def test_search_from_features_is_search_from_images(captioner):
   """One encoder pass can serve both a loss and the search: same captions."""
-  model, variables, images = captioner
+  predict, variables, images = captioner
   mask = jnp.array([True, True, True, True, False])
   options = dict(beam_size=3, max_len=8, num_return=2, alpha=0.6,
                  ban_repeated_trigrams=True, mask=mask)
 
   # Encoded by one program and searched by another: nothing but the features
   # carries the images over.
-  features = jax.jit(functools.partial(model.apply, method=model.encode))(
-      variables, images)  # [B, P, C]
-  out = jax.jit(functools.partial(decode.beam_search_features, model,
+  features = jax.jit(predict.encode)(variables,
+                                     {'image': images})  # [B, P, C]
+  out = jax.jit(functools.partial(decode.beam_search_features, predict,
                                   **options))(variables, features)
-  expected = jax.jit(functools.partial(decode.beam_search, model, **options))(
-      variables, images)
+  expected = jax.jit(functools.partial(decode.beam_search, predict,
+                                       **options))(variables, images)
   assert out.tokens.shape == (5, 2, 7) and out.alphas.shape == (5, 7, 4)
   for name in ('tokens', 'scores', 'logprobs', 'alphas'):
     np.testing.assert_array_equal(getattr(out, name), getattr(expected, name),

@@ -47,9 +47,9 @@ def trained(trained_workdir):
   but for the decode settings) and its final state."""
   config = workdir_lib.load_config(trained_workdir)
   vocab = workdir_lib.load_vocab(trained_workdir)
-  model = models.build_captioner(config.model, len(vocab))
+  predict = models.Predict(models.build_captioner(config.model, len(vocab)))
   state, step = workdir_lib.restore_trained(trained_workdir, config, vocab,
-                                            model)
+                                            predict)
   assert step == 6
   return trained_workdir, state
 
@@ -96,9 +96,10 @@ def test_decode_covers_the_split_once_and_matches_one_device(
   assert saved['objects']['novel_objects'] >= len(references)
 
   # The same captions as the search on one device, image by image.
-  model = models.build_captioner(config.model, len(data.vocab))
+  predict = models.Predict(models.build_captioner(
+      config.model, len(data.vocab)))
   search = jax.jit(functools.partial(
-      decode.beam_search, model, beam_size=config.decode.beam_size,
+      decode.beam_search, predict, beam_size=config.decode.beam_size,
       max_len=config.data.max_len, ban_unk=True))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   source = data.source('test_novel')

@@ -26,16 +26,17 @@ def _convolutions(fn, *args) -> int:
 def test_validation_runs_the_encoder_once_per_batch(test_config, tmp_path):
   config = test_config
   data = prepare.prepare(config, str(tmp_path))
-  model = models.build_captioner(config.model, len(data.vocab))
-  state = state_lib.create(config, model, None, jax.random.key(0))
+  predict = models.Predict(models.build_captioner(
+      config.model, len(data.vocab)))
+  state = state_lib.create(config, predict, None, jax.random.key(0))
   batch = next(iter(pipeline.eval_dataset(
       config, data.source('validation'), data.vocab)))
   options = common.SearchOptions.of(config.decode, beam_size=2)
-  validate = functools.partial(validation._validate, model=model,
+  validate = functools.partial(validation._validate, predict=predict,
                                config=config, options=options)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   encoder = _convolutions(
-      lambda v, x: model.apply(v, x, method=model.encode), variables,
+      lambda v, x: predict.encode(v, {'image': x}), variables,
       batch['image'])
   assert encoder > 0
   # Loss and beam search from the same features: the encoder's convolutions
@@ -49,9 +50,10 @@ def test_build_follows_config_evals(test_config, tmp_path):
   config.evals.novel = config_lib.decode_split('test_novel', every_steps=4)
   config.evals.val.every_steps = -1  # Off: not built.
   data = prepare.prepare(config, str(tmp_path))
-  model = models.build_captioner(config.model, len(data.vocab))
-  built = evaluators.build(config, par=parallel.Parallel(config), model=model,
-                           data=data, workdir=str(tmp_path))
+  predict = models.Predict(models.build_captioner(
+      config.model, len(data.vocab)))
+  built = evaluators.build(config, par=parallel.Parallel(config),
+                           predict=predict, data=data, workdir=str(tmp_path))
   assert sorted(built) == ['novel', 'test']
   assert isinstance(built['test'], evaluators.DecodeSplit)
   assert (built['test'].split, built['test'].every_steps) == ('test', 0)

@@ -94,19 +94,19 @@ from capjax.objectives import cross_entropy, scst  # noqa: F401
 from configs import test
 
 config = test.get_config()
-model = models.build_captioner(config.model, 11)
-shapes = jax.eval_shape(model.init, jax.random.key(0),
+predict = models.Predict(models.build_captioner(config.model, 11))
+shapes = jax.eval_shape(predict.init, jax.random.key(0),
                         jnp.zeros((1, 32, 32, 3), jnp.uint8),
                         jnp.zeros((1, 2, 5), int))
 print(sorted(shapes))
 
 # One train step of configs/test.py's model on random inputs.
-state = jax.jit(functools.partial(state_lib.create, config, model,
+state = jax.jit(functools.partial(state_lib.create, config, predict,
                                   None))(jax.random.key(0))
 tx = optimizer.make(config, state.params)
 par = parallel.Parallel(config)
-step = par.step(functools.partial(cross_entropy.train_step, model=model, tx=tx,
-                                  config=config))
+step = par.step(functools.partial(cross_entropy.train_step, predict=predict,
+                                  tx=tx, config=config))
 batch, _ = benchmark.synthetic_batch(config, config.batch_size, 11)
 batch['image'] = np.random.default_rng(0).integers(
     0, 256, batch['image'].shape, np.uint8)
@@ -117,7 +117,7 @@ print(int(par.get_state(state).step), bool(np.isfinite(metrics['loss'])))
 # A beam search of two images.
 variables = {'params': state.params, 'batch_stats': state.batch_stats}
 captions = jax.jit(functools.partial(
-    decode.beam_search, model, beam_size=2, max_len=6))(
+    decode.beam_search, predict, beam_size=2, max_len=6))(
         par.get_state(variables), jnp.asarray(batch['image'][:2]))
 print(captions.tokens.shape)
 """

@@ -167,7 +167,7 @@ def test_a_changed_shard_of_the_feature_cache(test_config, tmp_path,
   config.data.features.batch_size = 16
   s = start_lib.start(config, str(tmp_path / 'run'))
   s.checkpoints.close()
-  cache = cache_features.build(config, s.data, s.model, s.state, s.par,
+  cache = cache_features.build(config, s.data, s.predict, s.state, s.par,
                                ['validation'], force=True)
   shard = records.shard_path(cache.folder, 'validation', 0)
   with open(shard, 'rb') as f:
@@ -177,7 +177,7 @@ def test_a_changed_shard_of_the_feature_cache(test_config, tmp_path,
 
   config.data.prepare = False
   with pytest.raises(UserError) as raised:
-    cache_features.build(config, s.data, s.model, s.state, s.par,
+    cache_features.build(config, s.data, s.predict, s.state, s.par,
                          ['validation'])
   assert re.fullmatch(
       f'the feature cache is damaged: {re.escape(shard)} changed after it '
@@ -191,7 +191,7 @@ def test_a_changed_shard_of_the_feature_cache(test_config, tmp_path,
           'changed after it was written') in _one_line(raised)
 
   config.data.prepare = True
-  cache_features.build(config, s.data, s.model, s.state, s.par,
+  cache_features.build(config, s.data, s.predict, s.state, s.par,
                        ['validation'])
   with open(shard, 'rb') as f:
     assert f.read() == written

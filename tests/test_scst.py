@@ -23,6 +23,7 @@ from capjax.data import prepare
 from capjax.data.vocab import BOS, EOS, PAD, UNK
 from capjax.errors import UserError
 from capjax.metrics import cider_jax
+from capjax.models import decoders
 from capjax.objectives import scst
 from conftest import REPO
 from conftest import coco_config
@@ -65,15 +66,15 @@ def _table(batch):
 
 def test_samples_follow_the_model_and_its_bans(test_config):
   config = step_config(test_config)
-  model, _, state = init_model(config)
+  predict, _, state = init_model(config)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   images = jnp.asarray(random_batch(config)['image'][:6])
   max_len, min_words = 7, 2
 
   @jax.jit
   def run(variables, rng):
-    cache = model.apply(variables, images, method=model.decode_prepare)
-    return decode.sample(model, variables, cache, rng, num_samples=4,
+    features = predict.encode(variables, {'image': images})
+    return decode.sample(predict.decoding(variables, features, 4), rng,
                          max_len=max_len, temperature=0.7,
                          min_words=min_words, ban_unk=True)
 
@@ -90,7 +91,8 @@ def test_samples_follow_the_model_and_its_bans(test_config):
   # The log-probabilities are those teacher forcing gives the samples,
   # under the same temperature and bans.
   captions = np.concatenate([np.full((6, 4, 1), BOS), tokens], -1)
-  logits, _ = model.apply(variables, images, captions)  # [6, 4, 6, V]
+  logits, _ = predict.model.apply(variables, images,
+                                  captions)  # [6, 4, 6, V]
   logits = np.array(logits) / 0.7
   logits[..., [PAD, BOS, UNK]] = decode.NEG_INF
   logits[..., :min_words, EOS] = decode.NEG_INF
@@ -107,7 +109,7 @@ def test_samples_follow_the_model_and_its_bans(test_config):
 
 
 def _run(config, steps=2):
-  model, _, state = init_model(config)
+  predict, _, state = init_model(config)
   tx = optax.adam(1e-2)
   state = state.replace(opt_state=tx.init(state.params))
   initial = jax.tree.map(np.array, state.params)
@@ -116,7 +118,7 @@ def _run(config, steps=2):
 
   def counted(*args):
     traces.append(1)
-    return scst.train_step(*args, model=model, tx=tx, config=config)
+    return scst.train_step(*args, predict=predict, tx=tx, config=config)
 
   step = par.step(counted, constant_argnums=(3,))
   batches = [_scst_batch(config, seed) for seed in range(steps)]
@@ -129,7 +131,9 @@ def _run(config, steps=2):
   return initial, par.get_state(state), jax.device_get(metrics)
 
 
-def test_scst_step_under_jit_and_pmap(test_config):
+@pytest.mark.parametrize('decoder', decoders.NAMES)
+def test_scst_step_under_jit_and_pmap(test_config, decoder):
+  test_config.model.decoder.name = decoder
   initial, jitted, metrics = _run(_scst_config(test_config, 'jit'))
   _, pmapped, pmap_metrics = _run(_scst_config(test_config, 'pmap'))
   assert int(jitted.step) == 2 and not metrics['nonfinite']
@@ -146,20 +150,20 @@ def test_scst_step_under_jit_and_pmap(test_config):
   assert metrics['examples'].shape == (scst.EXAMPLES, 6)
 
 
-class _RecordingModel:
-  """The model, recording the keys of its dropout as the step uses them."""
+class _RecordingPredict:
+  """The predict functions, recording the keys of the dropout of teacher
+  forcing as the step uses them."""
 
-  def __init__(self, model, dropout_keys):
-    self._model, self._keys = model, dropout_keys
+  def __init__(self, predict, dropout_keys):
+    self._predict, self._keys = predict, dropout_keys
 
-  def apply(self, *args, rngs=None, **kwargs):
-    if rngs and 'dropout' in rngs:
-      jax.debug.callback(self._keys.append,
-                         jax.random.key_data(rngs['dropout']))
-    return self._model.apply(*args, rngs=rngs, **kwargs)
+  def logits(self, *args, rng=None, **kwargs):
+    if rng is not None:
+      jax.debug.callback(self._keys.append, jax.random.key_data(rng))
+    return self._predict.logits(*args, rng=rng, **kwargs)
 
-  def __getattr__(self, name):  # The methods `apply` is given.
-    return getattr(self._model, name)
+  def __getattr__(self, name):  # The other functions, as they are.
+    return getattr(self._predict, name)
 
 
 def test_sampling_and_dropout_draw_from_independent_keys(test_config,
@@ -167,21 +171,21 @@ def test_sampling_and_dropout_draw_from_independent_keys(test_config,
   """Also: the loss logged is the one optimised (the same step)."""
   config = _scst_config(test_config)
   config.scst.ce_weight = 0.5  # The cross-entropy term uses dropout.
-  model, tx, state = init_model(config)
+  predict, tx, state = init_model(config)
   sample_keys, dropout_keys = [], []
   sample = decode.sample
 
-  def recording_sample(model, variables, cache, rng, **kwargs):
+  def recording_sample(decoding, rng, **kwargs):
     if rng is not None:  # Every token's key, as `decode.sample` derives it.
       for t in range(config.data.max_len):
         jax.debug.callback(sample_keys.append,
                            jax.random.key_data(jax.random.fold_in(rng, t)))
-    return sample(model, variables, cache, rng, **kwargs)
+    return sample(decoding, rng, **kwargs)
 
   monkeypatch.setattr(scst.decode, 'sample', recording_sample)
   par = parallel.Parallel(config)
   step = par.step(functools.partial(
-      scst.train_step, model=_RecordingModel(model, dropout_keys), tx=tx,
+      scst.train_step, predict=_RecordingPredict(predict, dropout_keys), tx=tx,
       config=config), constant_argnums=(3,))
   batch = _scst_batch(config)
   _, metrics = jax.device_get(step(
@@ -232,11 +236,11 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
   the sign of the reward (flip it and the greedy CIDEr-D falls)."""
   config = _scst_config(test_config)
   config.scst.update(num_samples=6, min_words=1)
-  model, _, state = init_model(config)
+  predict, _, state = init_model(config)
   tx = optax.adam(3e-3)
   state = state.replace(opt_state=tx.init(state.params))
   par = parallel.Parallel(config)
-  step = par.step(functools.partial(scst.train_step, model=model, tx=tx,
+  step = par.step(functools.partial(scst.train_step, predict=predict, tx=tx,
                                     config=config), constant_argnums=(3,))
   host_batch = _scst_batch(config)
   table = _table(host_batch)
@@ -245,11 +249,10 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
   @jax.jit
   def greedy_cider(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    cache = model.apply(variables, host_batch['image'],
-                        method=model.decode_prepare)
+    features = predict.encode(variables, {'image': host_batch['image']})
     # The greedy caption the step's baseline decodes, scored as it is.
     s = config.scst
-    tokens = decode.sample(model, variables, cache, None, num_samples=1,
+    tokens = decode.sample(predict.decoding(variables, features, 1), None,
                            max_len=config.data.max_len, min_words=s.min_words,
                            ban_unk=s.ban_unk).tokens
     return jnp.mean(cider_jax.cider_d(

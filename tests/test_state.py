@@ -11,13 +11,14 @@ from conftest import VOCAB_SIZE
 
 
 def test_create_puts_the_given_encoder_weights_in(test_config):
-  model = models.build_captioner(test_config.model, VOCAB_SIZE)
-  state = state_lib.create(test_config, model, None, jax.random.key(0))
+  predict = models.Predict(models.build_captioner(
+      test_config.model, VOCAB_SIZE))
+  state = state_lib.create(test_config, predict, None, jax.random.key(0))
   assert int(state.step) == 0
   weights = {'params': jax.tree.map(jnp.ones_like, state.params['encoder']),
              'batch_stats': jax.tree.map(jnp.ones_like,
                                          state.batch_stats['encoder'])}
-  loaded = state_lib.create(test_config, model, None, jax.random.key(0),
+  loaded = state_lib.create(test_config, predict, None, jax.random.key(0),
                             weights)
   assert all(np.all(np.asarray(x) == 1)
              for x in jax.tree.leaves(loaded.params['encoder']))
@@ -29,10 +30,11 @@ def test_create_puts_the_given_encoder_weights_in(test_config):
 
 
 def test_abstract_has_the_shapes_of_create(test_config):
-  model = models.build_captioner(test_config.model, VOCAB_SIZE)
+  predict = models.Predict(models.build_captioner(
+      test_config.model, VOCAB_SIZE))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = state_lib.abstract(test_config, model, device)
-  real = state_lib.create(test_config, model, None, jax.random.key(0))
+  abstract = state_lib.abstract(test_config, predict, device)
+  real = state_lib.create(test_config, predict, None, jax.random.key(0))
   assert (jax.tree.structure(abstract) == jax.tree.structure(real))
   for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
     assert (a.shape, a.dtype, a.sharding) == (r.shape, r.dtype, device)

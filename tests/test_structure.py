@@ -146,3 +146,76 @@ def test_layers_import_downwards():
   assert reaches('capjax.tune', 'capjax.train')
   assert reaches('capjax.train', 'capjax.objectives')
   assert reaches('capjax.train', 'capjax.evaluators')
+
+
+# ------------------------------------------------- the road to the model
+
+
+def _outside_models() -> dict[str, ast.Module]:
+  """The parsed modules of the package outside capjax.models."""
+  return {module: ast.parse(open(path).read(), path)
+          for module, path in _modules().items()
+          if not module.startswith('capjax.models')}
+
+
+def model_contract_breaches(trees: dict[str, ast.Module]) -> list[str]:
+  """Where a module reaches the model other than by its predict functions
+  (`models.Predict`) and the variables helper (`TrainState.variables`):
+  a flax `method=`, a model built and not wrapped in `Predict`, a
+  predict's bare `.model`, or the variables dict written out (but by the
+  helper, in capjax.state)."""
+  found = []
+  for module, tree in trees.items():
+    wrapped = set()
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Call) and
+          getattr(node.func, 'attr', getattr(node.func, 'id', '')) ==
+          'Predict'):
+        wrapped.update(id(arg) for arg in node.args)
+    for node in ast.walk(tree):
+      where = f'{module}:{getattr(node, "lineno", 0)}'
+      if isinstance(node, ast.Call):
+        name = getattr(node.func, 'attr', getattr(node.func, 'id', ''))
+        if any(k.arg == 'method' for k in node.keywords):
+          found.append(f'{where} applies a model method')
+        if name == 'build_captioner' and id(node) not in wrapped:
+          found.append(f'{where} holds a model, not its predict functions')
+      elif (isinstance(node, ast.Attribute) and node.attr == 'model' and
+            'predict' in ast.unparse(node.value)):
+        found.append(f'{where} reaches past the predict functions')
+      elif isinstance(node, ast.Dict) and module != 'capjax.state' and {
+          k.value for k in node.keys if isinstance(k, ast.Constant)
+      } == {'params', 'batch_stats'}:
+        found.append(f'{where} builds the variables itself')
+  return found
+
+
+def test_contract_breaches_are_found():
+  code = {
+      'a': "v = {'params': p, 'batch_stats': b}",
+      'b': 'm = models.build_captioner(c, 9)',
+      'c': 'x = m.apply(v, f, method=m.encode)',
+      'd': 'y = predict.model.encode',
+      'e': ('p = models.Predict(models.build_captioner(c, 9))\n'
+            'x = p.encode(state.variables(), batch)'),
+  }
+  found = model_contract_breaches({k: ast.parse(v) for k, v in code.items()})
+  assert [f.split(':')[0] for f in found] == ['a', 'b', 'c', 'd']
+
+
+def test_jobs_reach_the_model_by_its_predict_functions_alone():
+  assert model_contract_breaches(_outside_models()) == []
+
+
+_COLLECTIVES = {'psum', 'pmean', 'pmax', 'pmin', 'all_gather', 'axis_index',
+                'ppermute', 'all_to_all', 'psum_scatter'}
+
+
+def test_the_parallel_layer_owns_every_collective():
+  """Objectives and evaluators compute over the batch they see; only
+  capjax.parallel sums, averages or draws across devices."""
+  found = [f'{module}:{node.lineno} {node.attr}'
+           for module, path in _modules().items() if module != 'capjax.parallel'
+           for node in ast.walk(ast.parse(open(path).read(), path))
+           if isinstance(node, ast.Attribute) and node.attr in _COLLECTIVES]
+  assert found == []

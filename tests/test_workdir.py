@@ -99,20 +99,20 @@ def test_what_is_missing_says_how_to_train(tmp_path):
     workdir.load_config(empty)
   config = test_configs.get_config()
   vocab = vocab_lib.Vocab(vocab_lib.SPECIALS + ('a',))
-  model = models.build_captioner(config.model, len(vocab))
+  predict = models.Predict(models.build_captioner(config.model, len(vocab)))
   with pytest.raises(UserError, match='does not exist; train one first'):
-    workdir.restore_trained(missing, config, vocab, model)
+    workdir.restore_trained(missing, config, vocab, predict)
   with pytest.raises(UserError, match='has no checkpoints/; train one first'):
-    workdir.restore_trained(empty, config, vocab, model)
+    workdir.restore_trained(empty, config, vocab, predict)
 
 
 @pytest.fixture(scope='module')
 def trained(trained_workdir):
   config = workdir.load_config(trained_workdir)
   vocab = workdir.load_vocab(trained_workdir)
-  model = models.build_captioner(config.model, len(vocab),
-                                 config.data.normalization)
-  return trained_workdir, config, vocab, model
+  predict = models.Predict(models.build_captioner(config.model, len(vocab),
+                                 config.data.normalization))
+  return trained_workdir, config, vocab, predict
 
 
 def test_the_training_job_config_and_vocab_read_back(trained):
@@ -126,8 +126,8 @@ def test_the_training_job_config_and_vocab_read_back(trained):
 
 
 def test_restore_trained_latest_or_a_step_on_any_sharding(trained):
-  path, config, vocab, model = trained
-  state, step = workdir.restore_trained(path, config, vocab, model)
+  path, config, vocab, predict = trained
+  state, step = workdir.restore_trained(path, config, vocab, predict)
   assert step == 6 and int(state.step) == 6
   leaf = jax.tree.leaves(state.params)[0]
   assert leaf.sharding == jax.sharding.SingleDeviceSharding(
@@ -135,10 +135,10 @@ def test_restore_trained_latest_or_a_step_on_any_sharding(trained):
   # Replicated over a mesh, as the decode jobs place it.
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  again, step = workdir.restore_trained(path, config, vocab, model,
+  again, step = workdir.restore_trained(path, config, vocab, predict,
                                         replicated, step=6)
   assert step == 6
-  earlier, step = workdir.restore_trained(path, config, vocab, model, step=3)
+  earlier, step = workdir.restore_trained(path, config, vocab, predict, step=3)
   assert step == 3 and int(earlier.step) == 3
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(again.params)):
     assert b.sharding == replicated
@@ -146,14 +146,15 @@ def test_restore_trained_latest_or_a_step_on_any_sharding(trained):
 
 
 def test_restore_trained_refuses_what_does_not_match(trained):
-  path, config, vocab, model = trained
+  path, config, vocab, predict = trained
   with pytest.raises(UserError, match='no checkpoint of step 2 in'):
-    workdir.restore_trained(path, config, vocab, model, step=2)
+    workdir.restore_trained(path, config, vocab, predict, step=2)
   other = vocab_lib.Vocab(vocab.words + ('zebra',))
-  other_model = models.build_captioner(config.model, len(other),
-                                       config.data.normalization)
+  other_predict = models.Predict(models.build_captioner(
+      config.model, len(other),
+                                       config.data.normalization))
   with pytest.raises(UserError, match='another model or vocabulary'):
-    workdir.restore_trained(path, config, other, other_model)
+    workdir.restore_trained(path, config, other, other_predict)
 
 _HOLD = '''
 import sys, time

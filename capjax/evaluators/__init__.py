@@ -22,13 +22,14 @@ __all__ = ['DecodeSplit', 'Interrupted', 'TYPES', 'Validation', 'build']
 
 
 def build(config: ml_collections.ConfigDict, *, par: parallel.Parallel,
-          model, data, workdir: str) -> dict[str, Validation | DecodeSplit]:
-  """The evaluators of `config.evals` that ever run, by name."""
+          predict, data, workdir: str) -> dict[str, Validation | DecodeSplit]:
+  """The evaluators of `config.evals` that ever run, by name; `predict` is
+  the model's `models.Predict`, all they know of the model."""
   out = {}
   for name, settings in config.evals.items():
     if settings.every_steps < 0:
       continue
     kind = TYPES[settings.type]  # Names checked by config.check.
-    out[name] = kind(name, settings, config=config, par=par, model=model,
+    out[name] = kind(name, settings, config=config, par=par, predict=predict,
                      data=data, workdir=workdir)
   return out

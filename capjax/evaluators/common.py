@@ -75,12 +75,13 @@ class SearchOptions:
     return cls(**(fields | changes))
 
 
-def search_rows(model, variables, batch: Mapping[str, jax.Array], *,
+def search_rows(predict, variables, batch: Mapping[str, jax.Array], *,
                 max_len: int, options: SearchOptions,
                 features: jax.Array | None = None,
                 phrase_table: jax.Array | None = None
                 ) -> dict[str, jax.Array]:
-  """Per device: the best caption of each image of `batch`, as rows.
+  """Per device: the best caption of each image of `batch`, as rows, by
+  the model of `predict` (`models.Predict`).
 
   From `features` [b, P, C] when the caller has encoded the batch already
   (not with `options.concepts`). With `options.concepts`, each caption
@@ -93,17 +94,17 @@ def search_rows(model, variables, batch: Mapping[str, jax.Array], *,
   search = dict(max_len=max_len, mask=batch['mask'], **options.search_kwargs())
   if options.concepts:
     out, _ = constrained.concept_beam_search(
-        model, variables, batch, phrase_table,
+        predict, variables, batch, phrase_table,
         threshold=options.concept_threshold, **search)
   else:
     if features is None:  # From the batch's pixels or cached features.
-      features = model.apply(variables, batch,
-                             method=model.encode_batch)  # [b, P, C]
+      features = predict.encode(variables, batch)  # [b, P, C]
     if 'phrases' in batch:  # [b, C, A, L]
       out = constrained.constrained_beam_search_features(
-          model, variables, features, batch['phrases'], **search)
+          predict, variables, features, batch['phrases'], **search)
     else:
-      out = decode.beam_search_features(model, variables, features, **search)
+      out = decode.beam_search_features(predict, variables, features,
+                                        **search)
   return {'tokens': out.tokens[:, 0],  # [b, T]
           'image/id': batch['image/id'], 'mask': batch['mask']}
 

@@ -37,19 +37,19 @@ from capjax.evaluators import common
 from capjax.metrics import objects as objects_lib
 
 
-def _search(state, batch, phrase_table, *, model, **options):
+def _search(state, batch, phrase_table, *, predict, **options):
   """Per device: the best caption of each image of `batch`."""
   variables = state.variables()
-  return common.search_rows(model, variables, batch,
+  return common.search_rows(predict, variables, batch,
                             phrase_table=phrase_table, **options)
 
 
 @functools.cache
-def _compiled_search(par: parallel.Parallel, model, max_len: int,
+def _compiled_search(par: parallel.Parallel, predict, max_len: int,
                      options: common.SearchOptions):
   # One wrapped (and so one compiled) search for every split decoded alike:
   # shapes' test and test_novel, a sidecar's every checkpoint.
-  return par.map(functools.partial(_search, model=model, max_len=max_len,
+  return par.map(functools.partial(_search, predict=predict, max_len=max_len,
                                    options=options))
 
 
@@ -59,7 +59,7 @@ class DecodeSplit:
 
   def __init__(self, name: str, settings: ml_collections.ConfigDict, *,
                config: ml_collections.ConfigDict, par: parallel.Parallel,
-               model, data, workdir: str):
+               predict, data, workdir: str):
     self.name = name
     self.every_steps = settings.every_steps
     self.split = settings.split
@@ -76,7 +76,7 @@ class DecodeSplit:
     if self.options.constraints:  # Each image's phrases, from a file.
       self._constraints = constrained.load_constraints(
           self.options.constraints, data.vocab)
-    self._search = _compiled_search(par, model, config.data.max_len,
+    self._search = _compiled_search(par, predict, config.data.max_len,
                                     self.options)
 
   def done(self, step: int) -> bool:

@@ -27,16 +27,14 @@ from capjax.evaluators import common
 METRICS = tuple(config_lib.VALIDATION_METRICS)
 
 
-def _validate(state, batch, *, model, config, options):
+def _validate(state, batch, *, predict, config, options):
   """Per device: the loss sums of `batch` and its decoded captions."""
   variables = state.variables()
-  features = model.apply(variables, batch,
-                         method=model.encode_batch)  # [b, P, C]
-  logits, alphas = model.apply(variables, features, batch['captions'],
-                               method=model.teacher_forcing)
+  features = predict.encode(variables, batch)  # [b, P, C]
+  logits, alphas = predict.logits(variables, features, batch['captions'])
   sums = losses.caption_losses(logits, batch['captions'], alphas,
                                batch['mask'], config.train.label_smoothing)
-  rows = common.search_rows(model, variables, batch,
+  rows = common.search_rows(predict, variables, batch,
                             max_len=config.data.max_len, options=options,
                             features=features)
   # One row of sums per device, added up on the host.
@@ -48,7 +46,7 @@ class Validation:
 
   def __init__(self, name: str, settings: ml_collections.ConfigDict, *,
                config: ml_collections.ConfigDict, par: parallel.Parallel,
-               model, data, workdir: str):
+               predict, data, workdir: str):
     del workdir  # Validation writes no files.
     self.name = name
     self.every_steps = settings.every_steps
@@ -67,7 +65,7 @@ class Validation:
                                       beam_size=settings.beam_size,
                                       concepts=False, constraints='')
     self._step = par.map(functools.partial(
-        _validate, model=model, config=config, options=options))
+        _validate, predict=predict, config=config, options=options))
 
   def done(self, step: int) -> bool:
     """Validation writes no files: never done before it runs."""

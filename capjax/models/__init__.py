@@ -1,7 +1,8 @@
-"""capjax models: the ResNet encoder, the attention LSTM decoder, the captioner.
+"""capjax models: the ResNet encoder, the caption decoders, the captioner.
 
-`build_captioner(config.model, len(vocab))` is the one way jobs make the
-model, so training, evaluation and decoding agree on its shape.
+`build_captioner(config.model, len(vocab), max_len=config.data.max_len)` is
+the one way jobs make the model, so training, evaluation and decoding agree
+on its shape; `predict.Predict(model)` is the one way they run it.
 """
 
 from typing import Any
@@ -11,15 +12,15 @@ import ml_collections
 
 from capjax.errors import UserError
 from capjax.models import captioner as captioner_lib
+from capjax.models import decoders
 from capjax.models import resnet
 from capjax.models.captioner import CaptionModel
 from capjax.models.decoder import AttentionLSTMCell
-from capjax.models.decoder import Cache
-from capjax.models.decoder import Carry
 from capjax.models.decoder import Decoder
+from capjax.models.predict import Predict
 
 __all__ = [
-    'AttentionLSTMCell', 'Cache', 'CaptionModel', 'Carry', 'Decoder',
+    'AttentionLSTMCell', 'CaptionModel', 'Decoder', 'Predict',
     'build_captioner', 'compute_dtype',
 ]
 
@@ -37,8 +38,12 @@ def compute_dtype(name: str) -> Any:
 
 def build_captioner(model_config: ml_collections.ConfigDict, vocab_size: int,
                     normalization: str = 'imagenet',
-                    concepts: tuple[int, int] = (0, 0)) -> CaptionModel:
+                    concepts: tuple[int, int] = (0, 0), *,
+                    max_len: int = 0) -> CaptionModel:
   """The `CaptionModel` that config.model describes, for `vocab_size` words.
+
+  `max_len` is config.data.max_len, the longest caption in tokens: the
+  Transformer decoder's positions (the LSTM decoders need no bound).
 
   `normalization` is config.data.normalization: how the encoder's pretrained
   weights expect pixels ('imagenet' or 'caffe'). `concepts` are the sizes
@@ -57,17 +62,18 @@ def build_captioner(model_config: ml_collections.ConfigDict, vocab_size: int,
     raise UserError('--config.model.concepts.head=True needs a dataset that '
                     'annotates its images\' objects (shapes, or COCO with its '
                     'category names); set it to False')
+  if decoder.get('name') == 'transformer' and max_len < 2:
+    raise ValueError('the transformer decoder needs max_len, '
+                     'config.data.max_len')
   return CaptionModel(
       vocab_size=vocab_size,
+      decoder=decoders.build(decoder, vocab_size, max_len=max_len,
+                             dtype=dtype),
       arch=encoder.arch,
       variant=encoder.variant,
       grid=encoder.grid,
       frozen=encoder.frozen,
       freeze_bn=encoder.freeze_bn,
-      embed_dim=decoder.embed_dim,
-      hidden_dim=decoder.hidden_dim,
-      attention_dim=decoder.attention_dim,
-      dropout_rate=decoder.dropout,
       dtype=dtype,
       normalization=normalization,
       concepts=tuple(concepts) if head.head else (0, 0),

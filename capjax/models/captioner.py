@@ -8,28 +8,20 @@ share those features by broadcasting.
 
 Variables: params {'encoder', 'decoder'} and batch_stats {'encoder'}.
 
+Three entry points, which `capjax.models.predict` wraps for the jobs:
+
   model = models.build_captioner(config.model, len(vocab))
   variables = model.init({'params': key}, images, captions)
   logits, alphas = model.apply(variables, images, captions, train=True,
-                               rngs={'dropout': key})
-  # A trainable encoder with live BatchNorm (frozen=False, freeze_bn=False)
-  # also needs mutable=['batch_stats'] when train=True.
-  cache = model.apply(variables, images, method=model.decode_prepare)
-  carry = model.apply(variables, cache, beam,
-                      method=model.decode_initial_carry)
-  carry, logits, alpha = model.apply(variables, carry, tokens, cache,
-                                     method=model.decode_step)
-  # The same from images encoded once, for several uses:
-  features = model.apply(variables, images, method=model.encode)
-  # or from a batch of images or of cached features alike:
-  features = model.apply(variables, batch, method=model.encode_batch)
+                               rngs={'dropout': key})   # from pixels
+  features = model.apply(variables, batch, method=model.encode)
   logits, alphas = model.apply(variables, features, captions,
-                               method=model.teacher_forcing)
-  cache = model.apply(variables, features, method=model.prepare)
+                               method=model.logits)
+  # and the decoder (`models.decoders`: prepare, initial_carry, step),
+  # reached as model.decoder.
 
-Methods are passed as the bound methods of the module `apply` is called on
-(`method=model.encode`): flax takes the unbound function, so this works as
-well on a `model.clone(...)` and under `jax.jit`.
+A trainable encoder with live BatchNorm (frozen=False, freeze_bn=False)
+also needs mutable=['batch_stats'] when train=True.
 """
 
 from typing import Any
@@ -39,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 from capjax.models import concepts as concepts_lib
-from capjax.models import decoder as decoder_lib
 from capjax.models import resnet
 
 Array = jax.Array
@@ -83,10 +74,11 @@ def without_hue(images: Array) -> Array:
 
 
 class CaptionModel(nn.Module):
-  """ResNet encoder + soft-attention LSTM decoder.
+  """ResNet encoder + a caption decoder (`models.decoders`).
 
   Attributes:
     vocab_size: V, word ids including the special tokens.
+    decoder: the decoder module (`decoders.build`), under params/decoder.
     arch: a `resnet.build` architecture ('resnet_tiny', 'resnet50', ...).
     variant: the ResNet variant, 'v1.5' or 'v1'.
     grid: average-pool the encoder's grid to grid x grid; 0 keeps it.
@@ -94,8 +86,6 @@ class CaptionModel(nn.Module):
       running statistics.
     freeze_bn: BatchNorm uses the running statistics even when training a
       trainable encoder.
-    embed_dim, hidden_dim, attention_dim, dropout_rate: the decoder's sizes
-      and deep-output dropout.
     dtype: the compute dtype; parameters stay float32.
     normalization: how pixels become the encoder's input, as its pretrained
       weights expect: 'imagenet' (torchvision, timm) or 'caffe' (Keras).
@@ -110,18 +100,14 @@ class CaptionModel(nn.Module):
   """
 
   vocab_size: int
+  decoder: nn.Module
   arch: str = 'resnet50'
   variant: str = 'v1.5'
   grid: int = 0
   frozen: bool = True
   freeze_bn: bool = True
-  embed_dim: int = 512
-  hidden_dim: int = 512
-  attention_dim: int = 512
-  dropout_rate: float = 0.5
   dtype: Dtype = jnp.float32
   normalization: str = 'imagenet'
-  unroll: int | bool = 1  # The decoder's (see `Decoder.unroll`).
   concepts: tuple[int, int] = (0, 0)
   concept_hidden: int = 128
   concept_without_hue: bool = False
@@ -129,56 +115,14 @@ class CaptionModel(nn.Module):
   def setup(self):
     self.encoder = resnet.build(self.arch, variant=self.variant,
                                 dtype=self.dtype)
-    self.decoder = decoder_lib.Decoder(
-        decoder_lib.AttentionLSTMCell(
-            vocab_size=self.vocab_size, embed_dim=self.embed_dim,
-            hidden_dim=self.hidden_dim, attention_dim=self.attention_dim,
-            dropout_rate=self.dropout_rate, dtype=self.dtype),
-        unroll=self.unroll)
     self.concept_head = None
     if self.concepts[1]:
       self.concept_head = concepts_lib.ConceptHead(
           *self.concepts, hidden_dim=self.concept_hidden, dtype=self.dtype)
 
-  def encode_grid(self, images: Array, train: bool = False) -> Array:
-    """images [B, S, S, 3] (pixels, 0..255) -> the grid [B, h, w, C].
-
-    What the feature cache stores (`capjax.cache_features`).
-    """
-    images = normalize(images, self.normalization)
-    # A frozen encoder's statistics must not drift with the caption data,
-    # so its BatchNorm always normalizes with the stored running averages.
-    freeze_bn = self.frozen or self.freeze_bn
-    features = self.encoder(images, train=train,
-                            freeze_bn=freeze_bn)  # [B, h, w, C]
-    return resnet.pool_grid(features, self.grid)  # [B, g, g, C]
-
-  def encode(self, images: Array, train: bool = False) -> Array:
-    """images [B, S, S, 3] (pixels, 0..255) -> features [B, P, C]."""
-    return self.annotations(self.encode_grid(images, train))
-
-  def annotations(self, grid: Array) -> Array:
-    """The grid [B, h, w, C] -> the P = h * w vectors [B, P, C] attended
-    over, in the compute dtype."""
-    batch, height, width, channels = grid.shape
-    features = grid.reshape(batch, height * width,
-                            channels).astype(self.dtype)  # [B, P, C]
-    if self.frozen:
-      # Zero gradient into the encoder: XLA then drops its backward pass.
-      features = jax.lax.stop_gradient(features)
-    return features
-
-  def encode_batch(self, batch: dict[str, Array],
-                   train: bool = False) -> Array:
-    """A batch's features [B, P, C]: from its `features` [B, h, w, C] when
-    it carries them (the feature cache), else from its `image` pixels."""
-    if 'features' in batch:
-      return self.annotations(batch['features'])
-    return self.encode(batch['image'], train)
-
   def __call__(self, images: Array, captions: Array,
                train: bool = False) -> tuple[Array, Array]:
-    """Teacher forcing on K captions per image.
+    """Teacher forcing on K captions per image, from pixels.
 
     Args:
       images: [B, S, S, 3] pixels in 0..255, uint8 (or float).
@@ -190,72 +134,73 @@ class CaptionModel(nn.Module):
       logits [B, K, L-1, V] float32 for the targets captions[..., 1:] and
       the attention weights alphas [B, K, L-1, P] float32.
     """
-    features = self.encode(images, train)  # [B, P, C], once per image
+    features = self._annotations(self._grid(images, train))  # [B, P, C]
     if self.concept_head is not None and self.is_initializing():
       self.concept_head(features, features)  # Its parameters, too.
-    return self.teacher_forcing(features, captions, train)
+    return self.logits(features, captions, train)
 
-  def caption_batch(self, batch: dict[str, Array],
-                    train: bool = False) -> tuple[Array, Array]:
-    """`__call__` on a batch: its `captions` [B, K, L], and `image` pixels
-    or cached `features` (see `encode_batch`)."""
-    return self.teacher_forcing(self.encode_batch(batch, train),
-                                batch['captions'], train)
+  def encode(self, batch: dict[str, Array], train: bool = False, *,
+             grid: bool = False, concepts: bool = False) -> Any:
+    """A batch's features [B, P, C], once per image.
 
-  def caption_batch_and_concepts(
-      self, batch: dict[str, Array], train: bool = False
-  ) -> tuple[Array, Array, dict[str, Array]]:
-    """`caption_batch` and the concept head's logits, of one encoding of
-    the batch (`encode_with_concepts`)."""
-    features, concepts = self.encode_with_concepts(batch, train)
-    return (*self.teacher_forcing(features, batch['captions'], train),
-            concepts)
+    From its cached `features` [B, h, w, C] when it carries them (the
+    feature cache), else from its `image` pixels [B, S, S, 3].
 
-  def encode_with_concepts(self, batch: dict[str, Array], train: bool = False
-                           ) -> tuple[Array, dict[str, Array]]:
-    """A batch's features [B, P, C] (`encode_batch`) and the concept
-    head's logits (`models.concepts.ConceptHead`).
-
-    With `concept_without_hue`, the images with and without hues are
-    encoded together, as one batch [2B, ...]: BatchNorm then sees the same
-    mixture in every training step, and its running statistics are that
-    mixture's.
+    Args:
+      batch: 'image' or 'features'.
+      train: BatchNorm batch statistics for a trainable encoder.
+      grid: return the encoder's pooled grid [B, h, w, C] of the pixels
+        instead: what the feature cache stores.
+      concepts: also return the concept head's logits
+        (`models.concepts.ConceptHead`): (features, logits).
     """
+    if grid:
+      return self._grid(batch['image'], train)  # [B, g, g, C]
+    if not concepts:
+      if 'features' in batch:
+        return self._annotations(batch['features'])
+      return self._annotations(self._grid(batch['image'], train))
     if self.concept_head is None:
       raise ValueError('this model has no concept head '
                        '(config.model.concepts.head)')
     if not self.concept_without_hue:
-      features = self.encode_batch(batch, train)  # [B, P, C]
+      features = self.encode(batch, train)  # [B, P, C]
       return features, self.concept_head(features)
+    # The images with and without hues are encoded together, as one batch
+    # [2B, ...]: BatchNorm then sees the same mixture in every training
+    # step, and its running statistics are that mixture's.
     if 'image' not in batch:
       raise ValueError('a concept head that reads images without hues '
                        'needs the pixels, not cached features')
     images = batch['image']  # [B, S, S, 3]
-    both = self.encode(jnp.concatenate([images, without_hue(images)]),
-                       train)  # [2B, P, C]
+    both = self._annotations(self._grid(
+        jnp.concatenate([images, without_hue(images)]), train))  # [2B, P, C]
     features, hueless = jnp.split(both, 2)
     return features, self.concept_head(features, hueless)
 
-  def teacher_forcing(self, features: Array, captions: Array,
-                      train: bool = False) -> tuple[Array, Array]:
-    """`__call__` from encoded images: features [B, P, C]."""
+  def logits(self, features: Array, captions: Array,
+             train: bool = False) -> tuple[Array, Array]:
+    """Teacher forcing from encoded images: features [B, P, C] and
+    captions [B, K, L] -> logits [B, K, L-1, V], alphas [B, K, L-1, P]."""
     return self.decoder(features, captions[..., :-1], train)
 
-  def decode_prepare(self, images: Array) -> decoder_lib.Cache:
-    """images [B, S, S, 3] pixels -> the decoder's cache (eval mode)."""
-    return self.prepare(self.encode(images, train=False))
+  def _grid(self, images: Array, train: bool) -> Array:
+    """images [B, S, S, 3] (pixels, 0..255) -> the grid [B, h, w, C]."""
+    images = normalize(images, self.normalization)
+    # A frozen encoder's statistics must not drift with the caption data,
+    # so its BatchNorm always normalizes with the stored running averages.
+    freeze_bn = self.frozen or self.freeze_bn
+    features = self.encoder(images, train=train,
+                            freeze_bn=freeze_bn)  # [B, h, w, C]
+    return resnet.pool_grid(features, self.grid)  # [B, g, g, C]
 
-  def prepare(self, features: Array) -> decoder_lib.Cache:
-    """`decode_prepare` from encoded images: features [B, P, C]."""
-    return self.decoder.prepare(features)
-
-  def decode_initial_carry(self, cache: decoder_lib.Cache,
-                           k: int) -> decoder_lib.Carry:
-    """(c_0, h_0), each [B, k, H] float32, for k hypotheses per image."""
-    return self.decoder.initial_carry(cache, k)
-
-  def decode_step(
-      self, carry: decoder_lib.Carry, tokens: Array, cache: decoder_lib.Cache,
-      train: bool = False) -> tuple[decoder_lib.Carry, Array, Array]:
-    """tokens [B, k] -> (carry, logits [B, k, V], alpha [B, k, P])."""
-    return self.decoder.step(carry, tokens, cache, train)
+  def _annotations(self, grid: Array) -> Array:
+    """The grid [B, h, w, C] -> the P = h * w vectors [B, P, C] attended
+    over, in the compute dtype."""
+    batch, height, width, channels = grid.shape
+    features = grid.reshape(batch, height * width,
+                            channels).astype(self.dtype)  # [B, P, C]
+    if self.frozen:
+      # Zero gradient into the encoder: XLA then drops its backward pass.
+      features = jax.lax.stop_gradient(features)
+    return features

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 
 Array = jax.Array
 Dtype = Any
-# (c, h), each [B, K, H] float32: the same layout as flax's LSTM cells.
+# The AttentionLSTMCell's (c, h), each [B, K, H] float32: the same layout as
+# flax's LSTM cells.
 Carry = tuple[Array, Array]
 # 'features' [B, P, C] and their attention keys W_a a_i, 'keys' [B, P, A],
 # both in the compute dtype; made once per image by `prepare`.
@@ -178,7 +179,11 @@ class AttentionLSTMCell(nn.Module):
 
 
 class Decoder(nn.Module):
-  """The caption decoder: teacher forcing by `nn.scan`, and single steps.
+  """A recurrent caption decoder: teacher forcing by `nn.scan` of a cell,
+  and its single steps; the contract of `models.decoders`.
+
+  The cell (`AttentionLSTMCell`, `updown.UpDownCell`) has `prepare`,
+  `initial_carry` and `__call__` (one step), as `step` calls them.
 
   Teacher forcing lifts the cell itself with `nn.scan`, as `nn.RNN` does,
   so the cell's fields are not repeated here. It stays a submodule of this
@@ -193,19 +198,21 @@ class Decoder(nn.Module):
       count.
   """
 
-  cell: AttentionLSTMCell
+  cell: nn.Module
   unroll: int | bool = 1
 
-  def prepare(self, features: Array) -> Cache:
-    """features [B, P, C] -> the per-image cache `step` reads."""
+  def prepare(self, features: Array, train: bool = False) -> Any:
+    """features [B, P, C] -> the per-image cache `step` reads. (The cells'
+    per-image work has no dropout: `train` is the contract's.)"""
+    del train
     return self.cell.prepare(features)
 
-  def initial_carry(self, cache: Cache, k: int) -> Carry:
-    """(c_0, h_0), each [B, k, H] float32: k hypotheses per image."""
+  def initial_carry(self, cache: Any, k: int) -> Any:
+    """The cell's carry for k hypotheses per image, leaves [B, k, ...]."""
     return self.cell.initial_carry(cache, k)
 
-  def step(self, carry: Carry, tokens: Array, cache: Cache,
-           train: bool = False) -> tuple[Carry, Array, Array]:
+  def step(self, carry: Any, tokens: Array, cache: Any,
+           train: bool = False) -> tuple[Any, Array, Array]:
     """tokens [B, k] -> (carry, logits [B, k, V], alpha [B, k, P])."""
     return self.cell(carry, tokens, cache, train)
 
@@ -219,8 +226,8 @@ class Decoder(nn.Module):
 
     Returns:
       logits [B, K, L, V] float32 and alphas [B, K, L, P] float32. With
-      mutable=['intermediates'], beta [B, K, L] is in
-      intermediates/cell/beta.
+      mutable=['intermediates'], what the cell sows, over time: the
+      `AttentionLSTMCell`'s gate beta [B, K, L] in intermediates/cell/beta.
     """
     cache = self.prepare(features)
     carry = self.initial_carry(cache, tokens.shape[1])

@@ -20,9 +20,10 @@ class Objective:
   """A training objective, as the loop runs it.
 
   Attributes:
-    step: `step(state, batch, rng, *constants, model=, tx=, config=) ->
-      (state, metrics)`, written for one device's share of the batch (see
-      `capjax.parallel`); metrics are reduced over devices.
+    step: `step(state, batch, rng, *constants, predict=, tx=, config=) ->
+      (state, metrics)`, written for the batch one device sees, with the
+      collectives of `capjax.parallel`; metrics are reduced over devices.
+      `predict` is the model's `models.Predict`.
     constants: arrays every step reads and none changes (a lookup table),
       placed on the devices once.
     references: R > 0: the batches must carry `references` [b, R, L], every

@@ -5,12 +5,12 @@ cross-entropy plus lambda times the doubly stochastic attention penalty
 (`capjax.losses`).
 """
 
-import flax.linen as nn
 import jax
 import ml_collections
 import optax
 
 from capjax import losses
+from capjax import models
 from capjax import parallel
 from capjax import state as state_lib
 from capjax.models import concepts as concepts_lib
@@ -27,57 +27,41 @@ def make(config: ml_collections.ConfigDict,
   return common.Objective(step=train_step)
 
 
-def _bn_trains(model: nn.Module) -> bool:
-  # From the model rather than the config: the frozen phase of a fine-tuned
-  # encoder runs a frozen copy of the model.
-  return not (model.frozen or model.freeze_bn)
-
-
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
-               rng: jax.Array, *, model: nn.Module,
+               rng: jax.Array, *, predict: models.Predict,
                tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict
                ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-  """One optimizer step on this device's share of the global batch.
+  """One optimizer step on the batch this device sees.
 
   The loss is normalised by the global token and caption counts, so the
-  gradient averaged over devices is exactly that of one device holding the
-  whole batch. A step whose loss or gradient is not finite leaves the state
-  unchanged and is flagged in the metrics, so no checkpoint ever holds one.
+  gradients of the devices' shares add up to that of one device holding
+  the whole batch. A step whose loss or gradient is not finite leaves the
+  state unchanged and is flagged in the metrics, so no checkpoint ever
+  holds one.
   """
   t = config.train
-  # A pure function of (seed, step, device): resumes exactly.
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
-                           jax.lax.axis_index(parallel.AXIS))
-  num_devices = jax.lax.psum(1, parallel.AXIS)
-  bn_trains = _bn_trains(model)
-  concepts = bool(model.concepts[1])  # Also train the concept head.
+  rng = parallel.device_rng(rng, state.step)
+  concepts = predict.has_concepts  # Also train the concept head.
 
   def loss_fn(params):
-    variables = state.variables(params)
-    method = model.caption_batch_and_concepts if concepts else (
-        model.caption_batch)
-    outputs, updates = model.apply(
-        variables, batch, train=True, method=method,
-        rngs={'dropout': rng}, mutable=['batch_stats'] if bn_trains else [])
+    outputs, updates = predict.train_logits(state.variables(params), batch,
+                                            rng=rng)
     logits, alphas = outputs[:2]
     sums = losses.caption_losses(logits, batch['captions'], alphas,
                                  batch['mask'], t.label_smoothing)
     if concepts:
       sums |= concepts_lib.losses(outputs[2], batch, batch['mask'])
     counts = [k for k in ('tokens', 'captions', 'concept_images') if k in sums]
-    totals = jax.lax.psum({k: sums[k] for k in counts}, parallel.AXIS)
-    # pmean of the gradients of (n * local share) = gradient of the total.
-    loss = num_devices * _loss(sums, t, totals)
-    return loss, (sums, updates)
+    totals = parallel.total({k: sums[k] for k in counts})
+    return _loss(sums, t, totals), (sums, updates)
 
-  grads, (sums, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
-  sums = jax.lax.psum(sums, parallel.AXIS)
+  grads, (sums, updates) = parallel.gradients(loss_fn, state.params)
+  sums = parallel.total(sums)
   batch_stats = state.batch_stats
-  if bn_trains:
+  if predict.bn_trains:
     # Each device normalised its own share; keep one average of the stats.
-    batch_stats = jax.lax.pmean(updates['batch_stats'], parallel.AXIS)
+    batch_stats = parallel.mean(updates['batch_stats'])
   loss = _loss(sums, t)
   state, grad_norm, finite = state_lib.apply_gradients(state, grads, loss, tx,
                                                        batch_stats)

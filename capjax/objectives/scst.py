@@ -32,7 +32,6 @@ samples that never end.
 import time
 
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,6 +40,7 @@ import optax
 
 from capjax import decode
 from capjax import losses
+from capjax import models
 from capjax import parallel
 from capjax import state as state_lib
 from capjax.objectives import common
@@ -114,22 +114,20 @@ def document_frequencies(references: dict[int, list[str]], vocab: Vocab,
 
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
                rng: jax.Array, table: cider_jax.DocumentFrequencies, *,
-               model: nn.Module, tx: optax.GradientTransformation,
+               predict: models.Predict, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict
                ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-  """One SCST step on this device's share of the batch.
+  """One SCST step on the batch this device sees.
 
   The batch needs `references` [B, R, L] (all captions of each image) and,
   for `scst.ce_weight`, `captions` [B, K, L]. BatchNorm uses its running
   statistics: sampled captions are no reason to move them.
   """
   s = config.scst
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
-                           jax.lax.axis_index(parallel.AXIS))
+  rng = parallel.device_rng(rng, state.step)
   # Independent streams: `decode.sample` folds the token index into its key,
   # so folding small numbers into one shared key would reuse a draw's key.
   sample_rng, dropout_rng = jax.random.split(rng)
-  num_devices = jax.lax.psum(1, parallel.AXIS)
   references = batch['references'][..., 1:]  # [B, R, T]: no <bos>
   mask = batch['mask']  # [B]
   sampling = dict(max_len=config.data.max_len, min_words=s.min_words,
@@ -137,17 +135,16 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
 
   def loss_fn(params):
     variables = state.variables(params)
-    features = model.apply(variables, batch,
-                           method=model.encode_batch)  # [B, P, C], once each
-    cache = model.apply(variables, features, method=model.prepare)
-    samples = decode.sample(model, variables, cache, sample_rng,
-                            num_samples=s.num_samples,
-                            temperature=s.temperature, **sampling)
+    features = predict.encode(variables, batch)  # [B, P, C], once each
+    decoding = predict.decoding(variables, features, s.num_samples)
+    samples = decode.sample(decoding, sample_rng, temperature=s.temperature,
+                            **sampling)
     candidates = samples.tokens  # [B, k, T]
     if s.baseline == 'greedy':
       # No gradient flows through the baseline's decode.
-      fixed = jax.lax.stop_gradient((variables, cache))
-      greedy = decode.sample(model, *fixed, None, num_samples=1, **sampling)
+      fixed = jax.lax.stop_gradient((variables, features, decoding.cache))
+      greedy = decode.sample(predict.decoding(*fixed[:2], 1, cache=fixed[2]),
+                             None, **sampling)
       candidates = jnp.concatenate([candidates, greedy.tokens], 1)
     rewards = cider_jax.cider_d(candidates, references, table,
                                 eos=s.eos)  # [B, k (+ 1)]
@@ -168,23 +165,18 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
         'unended': jnp.sum(~jnp.any(samples.tokens == EOS, -1) & mask[:, None]),
         'samples': jnp.sum(mask) * s.num_samples,
     }
-    loss = sums['pg'] / jax.lax.psum(sums['tokens'], parallel.AXIS)
+    loss = sums['pg'] / parallel.total(sums['tokens'])
     if s.ce_weight:
-      logits, alphas = model.apply(variables, features, batch['captions'],
-                                   train=True, method=model.teacher_forcing,
-                                   rngs={'dropout': dropout_rng})
+      logits, alphas = predict.logits(variables, features, batch['captions'],
+                                      train=True, rng=dropout_rng)
       ce = losses.caption_losses(logits, batch['captions'], alphas, mask,
                                 config.train.label_smoothing)
-      ce_tokens = jax.lax.psum(ce['tokens'], parallel.AXIS)
       sums['ce'], sums['ce_tokens'] = ce['ce'], ce['tokens']
-      loss = loss + s.ce_weight * ce['ce'] / ce_tokens
-    # pmean of the gradients of (n * local share) = gradient of the total.
-    return num_devices * loss, (sums, samples.tokens, reward)
+      loss = loss + s.ce_weight * ce['ce'] / parallel.total(ce['tokens'])
+    return loss, (sums, samples.tokens, reward)
 
-  grads, (sums, tokens, reward) = jax.grad(loss_fn, has_aux=True)(
-      state.params)
-  grads = jax.lax.pmean(grads, parallel.AXIS)
-  sums = jax.lax.psum(sums, parallel.AXIS)
+  grads, (sums, tokens, reward) = parallel.gradients(loss_fn, state.params)
+  sums = parallel.total(sums)
   pg_loss = sums['pg'] / sums['tokens']
   loss = pg_loss  # What the gradient is of, and what the guard checks.
   if s.ce_weight:
@@ -200,9 +192,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
       'sample_length': sums['tokens'] / sums['samples'],
       'grad_norm': grad_norm, 'nonfinite': ~finite,
       # The first image's samples on the first device, for the logs.
-      'examples': jax.lax.all_gather(tokens[0, :EXAMPLES], parallel.AXIS)[0],
-      'example_rewards': jax.lax.all_gather(
-          reward[0, :EXAMPLES], parallel.AXIS)[0],
+      'examples': parallel.first(tokens[0, :EXAMPLES]),
+      'example_rewards': parallel.first(reward[0, :EXAMPLES]),
   }
   if s.ce_weight:
     metrics['cross_entropy'] = sums['ce'] / sums['ce_tokens']
