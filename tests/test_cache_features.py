@@ -24,6 +24,7 @@ from capjax import train
 from capjax.data import feature_cache
 from capjax.data import pipeline
 from capjax.errors import UserError
+from capjax.models import decoders
 from conftest import REPO
 
 
@@ -211,6 +212,26 @@ def test_refusals_are_one_line(test_config, tmp_path):
   config.data.prepare = True
   cache_features.attach(config, s.data, s.predict, s.state, s.par)
   assert len(data.source('validation')) == 64
+
+
+def test_one_cache_serves_every_decoder(test_config, tmp_path):
+  """The cache holds the encoder's grid: a run of any decoder on the same
+  encoder reads the cache another decoder's run made."""
+  config = _frozen(test_config, seed=7)
+  config.evals.val.every_steps = config.evals.test.every_steps = -1
+  config.train.num_steps = 1
+  made = train.train_and_evaluate(config, str(tmp_path / 'made'))
+  assert int(made.step) == 1
+  for name in decoders.NAMES[1:]:
+    other = config.copy_and_resolve_references()
+    other.model.decoder.name = name
+    other.data.prepare = False  # A missing split would be an error.
+    s = start_lib.start(other, str(tmp_path / name))
+    s.checkpoints.close()
+    cache = cache_features.cache_of(other, s.data, s.predict, s.state)
+    assert not cache.missing(cache_features.splits(other)), name
+    state = train.train_and_evaluate(other, str(tmp_path / name))
+    assert int(state.step) == 1, name
 
 
 def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
