@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from capjax import inference
 from capjax import train
 from capjax.errors import UserError
 from conftest import REPO
@@ -43,6 +44,39 @@ def _copy(trained_workdir, tmp_path, config):
   shutil.copytree(trained_workdir, tmp_path, dirs_exist_ok=True)
   config.evals.val.num_batches = 1
   config.evals.test.every_steps = -1  # No final decode: not checked.
+
+
+@pytest.mark.parametrize('decoder', ['updown', 'transformer'])
+def test_resume_of_each_decoder_is_bit_exact(test_config, tmp_path, decoder):
+  """As the next test does for show_attend_tell, on a run of its own: 4
+  steps, cut back to step 2 and resumed to 4, against the straight run."""
+  config = test_config
+  config.model.decoder.name = decoder
+  config.model.decoder.dropout = 0.1  # Its random streams resume too.
+  config.train.num_steps, config.train.checkpoint_every_steps = 4, 2
+  config.evals.val.every_steps = config.evals.test.every_steps = -1
+  straight = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+  shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '4')
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert int(resumed.step) == 4
+  _assert_same(straight.params, resumed.params)
+  _assert_same(jax.tree.leaves(straight.opt_state),
+               jax.tree.leaves(resumed.opt_state))
+  # The caption API: a caption, and its attention over the 2x2 grid for each
+  # of its words and its <eos>.
+  image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8)
+  result, = inference.Captioner.from_workdir(
+      str(tmp_path / 'b'), beam_size=2).caption([image], attention=True)
+  words = result.caption.split()
+  assert result.attention.shape[1:] == (2, 2)
+  assert len(words) <= len(result.attention) <= len(words) + 1
+  np.testing.assert_allclose(result.attention.sum((1, 2)), 1, rtol=1e-5)
+  # The checkpoints record the decoder: another one is refused in one line.
+  config.model.decoder.name = 'show_attend_tell'
+  with pytest.raises(UserError, match=f'belong to a {decoder} decoder, not '
+                     "the --config.model.decoder.name='show_attend_tell'"):
+    train.train_and_evaluate(config, str(tmp_path / 'b'))
 
 
 def test_resume_is_bit_exact(test_config, trained_workdir, tmp_path):
