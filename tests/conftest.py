@@ -170,6 +170,31 @@ def random_batch(config, seed=0):
           'image/id': np.arange(b)}
 
 
+def random_variables(init, *args, seed: int = 0):
+  """Variables shaped as `init` makes them, filled by NumPy.
+
+  `jax.eval_shape` traces `init` without compiling it: compiling the random
+  initialisers costs more CPU seconds than the tests themselves.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, shape):
+    name = path[-1].key
+    if name == 'var':  # BatchNorm running variance: positive.
+      value = 1 + 0.1 * np.abs(rng.standard_normal(shape.shape))
+    elif name == 'scale':  # BatchNorm scale: near 1.
+      value = 1 + 0.1 * rng.standard_normal(shape.shape)
+    elif len(shape.shape) >= 2:  # Kernels and embeddings, fan-in scaled.
+      value = (rng.standard_normal(shape.shape) /
+               np.sqrt(np.prod(shape.shape[:-1])))
+    else:  # Biases and running means, non-zero so that they count.
+      value = 0.1 * rng.standard_normal(shape.shape)
+    return value.astype(shape.dtype)
+
+  shapes = jax.eval_shape(init, jax.random.key(0), *args)
+  return jax.tree.map_with_path(fill, shapes)
+
+
 def init_model(config):
   """(predict, tx, state): the model of `config` with VOCAB_SIZE words."""
   predict = models.Predict(models.build_captioner(

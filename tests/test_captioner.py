@@ -13,6 +13,7 @@ from capjax.data import vocab
 from capjax.errors import UserError
 from capjax.models import captioner as captioner_lib
 from capjax.models import resnet
+from conftest import random_variables
 
 VOCAB = 20
 B, K, L, S = 2, 3, 6, 64  # 64 px -> resnet_tiny's 2x2 grid, P = 4.
@@ -34,31 +35,6 @@ def model_config(**encoder):
 
 def make_model(**encoder) -> models.CaptionModel:
   return models.build_captioner(model_config(**encoder), VOCAB)
-
-
-def random_variables(init, *args, seed: int = 0):
-  """Variables shaped as `init` makes them, filled by NumPy.
-
-  `jax.eval_shape` traces `init` without compiling it: compiling the random
-  initialisers costs more CPU seconds than the tests themselves.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, shape):
-    name = path[-1].key
-    if name == 'var':  # BatchNorm running variance: positive.
-      value = 1 + 0.1 * np.abs(rng.standard_normal(shape.shape))
-    elif name == 'scale':  # BatchNorm scale: near 1.
-      value = 1 + 0.1 * rng.standard_normal(shape.shape)
-    elif len(shape.shape) >= 2:  # Kernels and embeddings, fan-in scaled.
-      value = (rng.standard_normal(shape.shape) /
-               np.sqrt(np.prod(shape.shape[:-1])))
-    else:  # Biases and running means, non-zero so that they count.
-      value = 0.1 * rng.standard_normal(shape.shape)
-    return value.astype(shape.dtype)
-
-  shapes = jax.eval_shape(init, jax.random.key(0), *args)
-  return jax.tree.map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope='module')

@@ -10,6 +10,7 @@ import pytest
 
 from capjax.data import vocab
 from capjax.models import decoder as decoder_lib
+from conftest import random_variables
 
 VOCAB, EMBED, HIDDEN, ATTENTION = 20, 16, 24, 12
 B, K, L, P, C = 2, 3, 6, 5, 8
@@ -30,24 +31,6 @@ def make_decoder(dtype=jnp.float32, dropout_rate=0.5) -> decoder_lib.Decoder:
 def forward(dtype=jnp.float32, train: bool = False):
   """Jitted teacher forcing, compiled once per (dtype, train, shapes)."""
   return jit(functools.partial(make_decoder(dtype).apply, train=train))
-
-
-def random_variables(init, *args, seed: int = 0):
-  """Variables shaped as `init` makes them, filled by NumPy.
-
-  `jax.eval_shape` traces `init` without compiling it: compiling the random
-  initialisers takes seconds on CPU, longer than most tests here.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(shape):
-    if len(shape.shape) >= 2:  # Kernels and embeddings, fan-in scaled.
-      scale = 1 / np.sqrt(np.prod(shape.shape[:-1]))
-    else:  # Biases, non-zero so that they are exercised too.
-      scale = 0.1
-    return (scale * rng.standard_normal(shape.shape)).astype(shape.dtype)
-
-  return jax.tree.map(fill, jax.eval_shape(init, jax.random.key(0), *args))
 
 
 @pytest.fixture(scope='module')

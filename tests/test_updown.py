@@ -10,6 +10,7 @@ import pytest
 from capjax.data import vocab
 from capjax.models import decoder as decoder_lib
 from capjax.models import updown
+from conftest import random_variables
 
 # Distinct sizes, so that a weight read with the wrong input shows in a shape.
 VOCAB, EMBED, HIDDEN, ATTENTION = 11, 9, 8, 5
@@ -38,23 +39,6 @@ def step_fn(dtype=jnp.float32):
   """Jitted `Decoder.step`, compiled once per (dtype, shapes)."""
   decoder = make_decoder(dtype)
   return jit(functools.partial(decoder.apply, method=decoder.step))
-
-
-def random_variables(init, *args, seed: int = 0):
-  """Variables shaped as `init` makes them, filled by NumPy.
-
-  `jax.eval_shape` traces `init` without compiling its random initialisers.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(shape):
-    if len(shape.shape) >= 2:  # Kernels and embeddings, fan-in scaled.
-      scale = 1 / np.sqrt(np.prod(shape.shape[:-1]))
-    else:  # Biases, non-zero so that they are exercised too.
-      scale = 0.1
-    return (scale * rng.standard_normal(shape.shape)).astype(shape.dtype)
-
-  return jax.tree.map(fill, jax.eval_shape(init, jax.random.key(0), *args))
 
 
 @pytest.fixture(scope='module')
