@@ -164,9 +164,9 @@ def _check_same_model(saved: dict[str, Any], meta_data: dict[str, Any],
                         for m in (saved, meta_data))
     names = [m['model']['decoder']['name'] for m in (saved, meta_data)]
     if names[0] != names[1]:
-      raise UserError(f'{holder} a {names[0]} decoder, not the '
-                      f'--config.model.decoder.name={names[1]!r} asked for; '
-                      f'{fix}')
+      raise UserError(f'{holder} a model with the {names[0]} decoder, not '
+                      f'the --config.model.decoder.name={names[1]!r} asked '
+                      f'for; {fix}')
   differences = [d for d in _differences(
       {key: saved.get(key) for key in meta_data}, meta_data)
                  if not d.startswith(ignore)]

@@ -378,7 +378,7 @@ def test_checkpoints_name_their_decoder_also_from_before_names(tmp_path):
   # Another decoder: one line naming both.
   named['model']['decoder']['name'] = 'updown'
   with pytest.raises(UserError, match=(
-      r'belong to a show_attend_tell decoder, not the '
+      r'belong to a model with the show_attend_tell decoder, not the '
       r"--config.model.decoder.name='updown' asked for; use a new --workdir")):
     ckpt.restore(_abstract(_state()), named)
   ckpt.close()

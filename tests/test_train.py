@@ -74,8 +74,9 @@ def test_resume_of_each_decoder_is_bit_exact(test_config, tmp_path, decoder):
   np.testing.assert_allclose(result.attention.sum((1, 2)), 1, rtol=1e-5)
   # The checkpoints record the decoder: another one is refused in one line.
   config.model.decoder.name = 'show_attend_tell'
-  with pytest.raises(UserError, match=f'belong to a {decoder} decoder, not '
-                     "the --config.model.decoder.name='show_attend_tell'"):
+  with pytest.raises(UserError, match=f'belong to a model with the {decoder} '
+                     "decoder, not the --config.model.decoder.name="
+                     "'show_attend_tell'"):
     train.train_and_evaluate(config, str(tmp_path / 'b'))
 
 

@@ -93,13 +93,12 @@ class Predict:
                             method=self.model.encode, grid=True)
 
   def encode(self, variables: Variables, batch: dict[str, Array], *,
-             train: bool = False, concepts: bool = False,
-             mutable: Any = False) -> Any:
-    """A batch's features [B, P, C] (from its pixels or cached features);
-    with `concepts`, (features, the concept head's logits); with
-    `mutable`, also flax's updated collections."""
-    return self.model.apply(variables, batch, train, concepts=concepts,
-                            method=self.model.encode, mutable=mutable)
+             concepts: bool = False) -> Any:
+    """A batch's features [B, P, C] (from its pixels or cached features),
+    evaluation mode; with `concepts`, (features, the concept head's
+    logits)."""
+    return self.model.apply(variables, batch, concepts=concepts,
+                            method=self.model.encode)
 
   def logits(self, variables: Variables, features: Array, captions: Array, *,
              train: bool = False, rng: Array | None = None
