@@ -29,8 +29,10 @@
 #   PYTHON   the interpreter with jax (default python3)
 #   INSTALL  0: capjax is installed already, skip pip
 #   SMOKE    1: the same commands at a tiny, CPU-sized scale (configs/test.py,
-#            one step, one repeat), to check an installation (2 minutes on
-#            2 CPU cores)
+#            one step, one repeat), to check an installation (4 to 5 minutes
+#            on 2 CPU cores)
+#   DECODERS 0: skip the three decoders' features and decode benchmarks
+#            (three more processes, each compiling its own steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,10 +60,16 @@ if [ "${SMOKE:-0}" = 1 ]; then
       --steps=1 --repeats=1 --vocab_size=100)
   sc=(--config=configs/test.py --per_device_batch=2 --steps=1 --repeats=1
       --vocab_size=100)
+  dec=(--per_device_batch=2 --batch=8 --steps=1 --repeats=1 --vocab_size=100)
+  decoders=(configs/test.py:show_attend_tell configs/test.py:updown
+            configs/test.py:transformer)
 else
   # The commands of BENCHMARKS.md's GPU section.
   ce=(--config=configs/coco.py --per_device_batch=32,64,128 --batch=1024)
   sc=(--config=configs/coco_scst.py --per_device_batch=32,64)
+  dec=(--per_device_batch=32 --batch=1024)
+  decoders=(configs/coco.py:show_attend_tell configs/coco_updown.py:updown
+            configs/coco_transformer.py:transformer)
 fi
 
 mkdir -p "$OUT"
@@ -69,13 +77,23 @@ run "$PYTHON" -m capjax.benchmark "${ce[@]}" --config.model.dtype=bfloat16 \
     --what=train,decode --json="$OUT/train_decode.json"
 run "$PYTHON" -m capjax.benchmark "${sc[@]}" --config.model.dtype=bfloat16 \
     --what=scst --json="$OUT/scst.json"
+# Each decoder: its frozen-encoder train and SCST steps from images and from
+# the feature cache, and beam 3.
+[ "${DECODERS:-1}" = 1 ] || decoders=()
+for spec in "${decoders[@]}"; do
+  run "$PYTHON" -m capjax.benchmark --config="${spec%%:*}" "${dec[@]}" \
+      --config.model.decoder.name="${spec#*:}" --config.model.dtype=bfloat16 \
+      --what=features,decode --beams=3 --json="$OUT/decoder_${spec#*:}.json"
+done
 
 # The same results as Markdown tables, for BENCHMARKS.md.
-"$PYTHON" - "$OUT/train_decode.json" "$OUT/scst.json" <<'EOF'
+tables=("$OUT/train_decode.json" "$OUT/scst.json")
+for spec in "${decoders[@]}"; do tables+=("$OUT/decoder_${spec#*:}.json"); done
+"$PYTHON" - "${tables[@]}" <<'EOF'
 import json
 import sys
 
-ce, scst = (json.load(open(path)) for path in sys.argv[1:])
+ce, scst, *decoders = (json.load(open(path)) for path in sys.argv[1:])
 fmt = lambda v, spec: '-' if v is None else format(v, spec)
 print(f'\n{ce["device"]} x{ce["devices"]}, {ce["dtype"]}, jax {ce["jax"]}\n')
 print('| encoder | batch/device | images/s | tokens/s | ms/step '
@@ -103,4 +121,14 @@ for r in scst['scst']:
         f'| {r["scst_over_cross_entropy"]:.2f} '
         f'| {1e3 * r["reward_seconds"]:.2f} '
         f'| {100 * r["reward_fraction"]:.1f}% |')
+print('\n| decoder | train images/s: images | features | SCST ms/step: '
+      'images | features | beam 3 captions/s |\n|---|--:|--:|--:|--:|--:|')
+for path, r in zip(sys.argv[3:], decoders):
+  f = r['features']
+  print(f'| {path.rsplit("decoder_", 1)[1][:-5]} '
+        f'| {f["train_images"]["images_per_second"]:,.0f} '
+        f'| {f["train_features"]["images_per_second"]:,.0f} '
+        f'| {1e3 * f["scst_images"]["scst_step_seconds"]:.1f} '
+        f'| {1e3 * f["scst_features"]["scst_step_seconds"]:.1f} '
+        f'| {r["decode"][0]["captions_per_second"]:,.0f} |')
 EOF

@@ -120,6 +120,15 @@ captions = jax.jit(functools.partial(
     decode.beam_search, predict, beam_size=2, max_len=6))(
         par.get_state(variables), jnp.asarray(batch['image'][:2]))
 print(captions.tokens.shape)
+
+# The other decoders; the features benchmark's batches.
+for name in ('updown', 'transformer'):
+  config.model.decoder.name = name
+  other = models.Predict(models.build_captioner(config.model, 11, max_len=5))
+  print(name, sorted(jax.eval_shape(
+      other.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8),
+      jnp.zeros((1, 2, 5), int))['params']))
+print(sorted(benchmark.as_features(config, predict, batch)))
 """
 
 
@@ -149,3 +158,6 @@ def test_model_train_step_and_decode_need_no_data_or_metric_libraries():
   assert lines[0] == "['batch_stats', 'params']"
   assert lines[1] == '1 True'  # One step, a finite loss.
   assert lines[2].startswith('(2, 1, ')  # [images, returned, positions]
+  assert lines[3:5] == ["updown ['decoder', 'encoder']",
+                        "transformer ['decoder', 'encoder']"]
+  assert lines[5] == "['captions', 'features', 'image/id', 'mask']"
