@@ -13,7 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from capjax import evaluate
 from capjax import inference
+from capjax import report
 from capjax import train
 from capjax.errors import UserError
 from conftest import REPO
@@ -64,14 +66,25 @@ def test_resume_of_each_decoder_is_bit_exact(test_config, tmp_path, decoder):
   _assert_same(jax.tree.leaves(straight.opt_state),
                jax.tree.leaves(resumed.opt_state))
   # The caption API: a caption, and its attention over the 2x2 grid for each
-  # of its words and its <eos>.
+  # of its words and its <eos>; the HTML report draws it.
   image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8)
   result, = inference.Captioner.from_workdir(
-      str(tmp_path / 'b'), beam_size=2).caption([image], attention=True)
+      str(tmp_path / 'b'), beam_size=2).caption([image], attention=True,
+                                                keep_pixels=True)
   words = result.caption.split()
   assert result.attention.shape[1:] == (2, 2)
   assert len(words) <= len(result.attention) <= len(words) + 1
   np.testing.assert_allclose(result.attention.sum((1, 2)), 1, rtol=1e-5)
+  report.write_html([result], str(tmp_path / 'report.html'), title='t',
+                    attention=True)
+  assert (tmp_path / 'report.html').read_text().count('<img') > 1
+  # The sidecar decodes the run's checkpoints, the last one included.
+  sidecar = config.copy_and_resolve_references()
+  sidecar.decode.split = 'validation'
+  sidecar.decode.poll_seconds = sidecar.decode.timeout_seconds = 0
+  evaluate.evaluate_continuously(sidecar, str(tmp_path / 'a'))
+  assert os.path.exists(tmp_path / 'a' / 'decode' /
+                        'validation_step4_beam3_metrics.json')
   # The checkpoints record the decoder: another one is refused in one line.
   config.model.decoder.name = 'show_attend_tell'
   with pytest.raises(UserError, match=f'belong to a model with the {decoder} '
