@@ -255,6 +255,51 @@ def test_a_trial_whose_heartbeat_stops_is_queued_again(tmp_path, kind):
                                      'waiting': 1}
 
 
+# Takes queued trials as a worker does, from a go on stdin (so that all
+# start together), until none is left; prints the numbers it got.
+_POPPER = """
+import sys, optuna
+from capjax.tuning import storage as storage_lib
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name='s', storage=storage_lib.open_storage(
+    sys.argv[1], interval=60, grace=120, max_retries=0))
+print('ready', flush=True)
+sys.stdin.readline()
+got = []
+while study.get_trials(deepcopy=False,
+                       states=(optuna.trial.TrialState.WAITING,)):
+  got.append(study.ask().number)
+print(got)
+"""
+
+
+@pytest.mark.filterwarnings('ignore:Heartbeat of storage is supposed')
+def test_workers_never_take_the_same_queued_trial(tmp_path):
+  # The sweep's `enqueue` and every retry queue trials. On SQLite, Optuna
+  # alone gave 3 of 30 of them to two workers at once.
+  url = storage_lib.default_url(str(tmp_path))
+  study = optuna.create_study(storage=storage_lib.open_storage(url),
+                              study_name='s')
+  for i in range(30):
+    study.enqueue_trial({'x': float(i)})
+  procs = [subprocess.Popen([sys.executable, '-c', _POPPER, url], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for _ in range(3)]
+  for p in procs:
+    assert p.stdout.readline() == 'ready\n', p.communicate()[1][-3000:]
+  for p in procs:
+    p.stdin.write('go\n')
+    p.stdin.flush()
+  taken = []
+  for p in procs:
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    taken += eval(out)  # pylint: disable=eval-used
+  queued = [t for t in taken if t < 30]
+  assert sorted(queued) == list(range(30))  # Each once, by one worker.
+
+
 # ------------------------------------------------------------ the results
 
 

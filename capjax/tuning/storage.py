@@ -26,6 +26,7 @@ from optuna.storages import journal
 # does); the class below gives it one, through this interface, so that
 # Optuna's stale-trial handling and retry callback work on it unchanged.
 from optuna.storages._heartbeat import BaseHeartbeat
+import sqlalchemy
 from sqlalchemy.engine import make_url
 
 from capjax.errors import UserError
@@ -173,10 +174,14 @@ def _open(url: str, interval: int | None, grace: int | None, retry
     except OSError as e:
       raise UserError(f'--storage={shown(url)}: cannot open {path}: '
                       f'{e.strerror}') from None
+  sqlite = url.startswith('sqlite')
   try:
-    return optuna.storages.RDBStorage(
+    storage = optuna.storages.RDBStorage(
         url, heartbeat_interval=interval, grace_period=grace,
-        heartbeat_stale_trial_callback=retry)
+        heartbeat_stale_trial_callback=retry,
+        # pysqlite's own transactions off: _serialize_sqlite begins them.
+        engine_kwargs={'connect_args': {'isolation_level': None,
+                                        'timeout': 60}} if sqlite else None)
   except Exception as e:  # pylint: disable=broad-exception-caught
     # SQLAlchemy's errors for a bad URL, a missing driver, a database that
     # refuses: their first line says which. A driver may quote the URL.
@@ -185,3 +190,23 @@ def _open(url: str, interval: int | None, grace: int | None, retry
                     f'{type(e).__name__}: {_redacted(first, url)}'
                     + ('' if '://' in url else
                        f' (a database URL, or {JOURNAL}PATH)')) from None
+  if sqlite:
+    _serialize_sqlite(storage.engine)
+  return storage
+
+
+def _serialize_sqlite(engine: sqlalchemy.engine.Engine) -> None:
+  """Makes each transaction on `engine` take SQLite's write lock at once.
+
+  Optuna hands a queued trial (an `enqueue`d one, a retry) to a worker by
+  reading that it is waiting, then marking it running, in one transaction
+  that asks the database to lock the row (SELECT ... FOR UPDATE). SQLite
+  has no row locks, and pysqlite starts a transaction only at its first
+  write: two workers read "waiting" together and both train the trial
+  (the second's lost run then fails the first's). With BEGIN IMMEDIATE
+  (SQLAlchemy's recipe for SQLite), the second reads after the first has
+  written. Every transaction waits for the lock (up to the connection's
+  60 s timeout); a study's are a few milliseconds each.
+  """
+  sqlalchemy.event.listen(
+      engine, 'begin', lambda conn: conn.exec_driver_sql('BEGIN IMMEDIATE'))
