@@ -151,7 +151,7 @@ def test_build_sets_epsilon_by_variant():
 
 
 def test_unknown_arch_and_variant():
-  with pytest.raises(UserError, match='resnet_tiny, resnet_small, resnet18.*resnet152'):
+  with pytest.raises(UserError, match='resnet_tiny, resnet_small, resnet_micro, resnet18.*resnet152'):
     resnet.build('resnet51')
   with pytest.raises(UserError, match='resnet50'):
     resnet.feature_dim('vgg16')
