@@ -47,6 +47,14 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   # tests 4% more CPU time.
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.1'
 
+# The tests stop their jobs with SIGINT. Started in the background of a
+# shell script, this process ignores SIGINT, and the jobs would inherit
+# that and rightly keep ignoring it (capjax.stopping): handled here, it
+# comes back to them as the default.
+import signal
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import functools
 
