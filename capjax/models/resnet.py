@@ -73,8 +73,8 @@ ARCHS: dict[str, ArchSpec] = {
     # enough to tell apart the 3x3 layout of a scene.
     'resnet_small': ArchSpec((1, 1, 1), bottleneck=False, width=16),
     # The tests' encoder (configs/test.py): the stem and one basic block, an
-    # 8x8 grid at 32 px. The least that is still a ResNet: a training of
-    # configs/test.py compiles in 22% less CPU time than with resnet_small.
+    # 8x8 grid at 32 px. The least that is still a ResNet: a cold training
+    # of configs/test.py takes 22% less CPU time than with resnet_small.
     'resnet_micro': ArchSpec((1,), bottleneck=False, width=16),
     'resnet18': ArchSpec((2, 2, 2, 2), bottleneck=False),
     'resnet34': ArchSpec((3, 4, 6, 3), bottleneck=False),
