@@ -1,6 +1,7 @@
 """capjax.tune: sweeps checked, real SQLite and journal studies, trials that
 train configs/test.py, pruning, kill -9 and resume, two workers."""
 
+import json
 import os
 import signal
 import socket
@@ -259,7 +260,7 @@ def test_a_trial_whose_heartbeat_stops_is_queued_again(tmp_path, kind):
 # Takes queued trials as a worker does, from a go on stdin (so that all
 # start together), until none is left; prints the numbers it got.
 _POPPER = """
-import sys, optuna
+import json, sys, optuna
 from capjax.tuning import storage as storage_lib
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 study = optuna.load_study(study_name='s', storage=storage_lib.open_storage(
@@ -270,7 +271,7 @@ got = []
 while study.get_trials(deepcopy=False,
                        states=(optuna.trial.TrialState.WAITING,)):
   got.append(study.ask().number)
-print(got)
+print(json.dumps(got))
 """
 
 
@@ -296,7 +297,7 @@ def test_workers_never_take_the_same_queued_trial(tmp_path):
   for p in procs:
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err[-3000:]
-    taken += eval(out)  # pylint: disable=eval-used
+    taken += json.loads(out)
   queued = [t for t in taken if t < 30]
   assert sorted(queued) == list(range(30))  # Each once, by one worker.
 
