@@ -273,8 +273,8 @@ def test_training_on_a_full_disk_stops_with_one_line(shapes_data_dir,
       'capjax: error: no space left for checkpoints in '
       f'{re.escape(str(mount_point))}/run/checkpoints: a checkpoint needs '
       rf'about [0-9.]+ (KiB|MiB) and {_SOME} are free\. The last good '
-      'checkpoint is '
-      'step 3: free some space, then run again to resume from it',
+      'checkpoint is step 3: free some space, then run again to resume '
+      'from it',
       err.strip().splitlines()[-1]), err[-3000:]
   assert 'Traceback' not in err and 'RESOURCE_EXHAUSTED' not in err, (
       err[-3000:])
