@@ -44,6 +44,7 @@ from orbax.checkpoint import checkpoint_managers as managers
 from capjax import checksums
 from capjax import config as config_lib
 from capjax import files
+from capjax import stopping
 from capjax.data.vocab import Vocab
 from capjax.errors import UserError
 
@@ -194,6 +195,7 @@ def _restore_verified(manager: ocp.CheckpointManager, step: int, item: Any,
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except
+    stopping.raise_if_stopping()  # Not the file's fault.
     return None, f'unreadable ({_first_line(e)})'
   why = verify and _verify(restored['checksums'] if saved else None,
                            restored['state'], step)
@@ -313,6 +315,7 @@ class Checkpoints:
       try:
         saved = _read_meta(self.manager, step)
       except Exception as e:  # pylint: disable=broad-except
+        stopping.raise_if_stopping()
         if not any(self._has_item(s, 'meta') for s in steps):
           raise UserError(
               f'{self.directory} holds checkpoints that capjax did not write '
@@ -395,6 +398,7 @@ class Checkpoints:
       self.manager.restore(step, args=ocp.args.Composite(
           data=grain.checkpoint.CheckpointRestore(iterator)))
     except Exception as e:  # pylint: disable=broad-except
+      stopping.raise_if_stopping()
       if not self.discard_data_state:
         raise UserError(
             f'checkpoint {step} in {self.directory}: its model restored but '
@@ -433,6 +437,7 @@ class Checkpoints:
     try:
       saved = _read_meta(self.manager, step)
     except Exception as e:  # pylint: disable=broad-except
+      stopping.raise_if_stopping()
       saved, why = None, f'unreadable ({_first_line(e)})'
     if saved is not None:
       # Evaluation reads no data position and no optimizer state: the saved

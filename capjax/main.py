@@ -169,11 +169,16 @@ def main(argv):
     config_lib.check(config)
     run(config, FLAGS.workdir, FLAGS.mode)
     guard.finished()
-  except UserError as e:
-    if watch:
-      watch.close()
-    sys.exit(f'capjax: error: {e}')
-  except stopping.Stopped as e:
+  except (UserError, KeyboardInterrupt) as e:
+    if guard.received is not None and not isinstance(e, stopping.Stopped):
+      # What a library made of the guard's `Stopped` (see stopping.py).
+      e = guard.stopped()
+    if isinstance(e, UserError):
+      if watch:
+        watch.close()
+      sys.exit(f'capjax: error: {e}')
+    if not isinstance(e, stopping.Stopped):
+      raise
     if watch and e.everywhere:
       watch.close()
     elif watch:

@@ -34,6 +34,13 @@ one) or a `__del__`, which drop what it raises ("Exception ignored"): the
 guard's `sys.unraisablehook` then raises `Stopped` again, at the next
 bytecode of the main thread.
 
+A library may also catch the `Stopped` raised inside it, and raise an
+error of its own or none: the code that takes a library's error for a fact
+about a file (a checkpoint that does not read is set aside) asks
+`raise_if_stopping` first, the training loop asks it before its first
+step, and the entry point takes an error that follows a signal for the
+stop.
+
 Limits: a signal that arrives while the main thread is inside one long C
 call (an XLA compile) acts when that call returns; and if the unwinding
 itself takes more than `GRACE_SECONDS` (a library's clean-up that waits for
@@ -82,6 +89,19 @@ class Stopped(KeyboardInterrupt):
 
 
 _exiting = threading.Lock()
+_guard = None  # The entry point's `Guard`, once installed.
+
+
+def raise_if_stopping() -> None:
+  """Raises `Stopped` if the entry point's guard took a signal.
+
+  For code that takes a library's error for a fact about its input (a
+  checkpoint that does not read is set aside): a library may have turned
+  the `Stopped` raised inside it into an error of its own, which must stop
+  the job, not count as a damaged file.
+  """
+  if _guard is not None and _guard.received is not None:
+    raise _guard.stopped()
 
 
 def exit_now(line: str, code: int) -> NoReturn:
@@ -129,6 +149,8 @@ class Guard:
     self._finished = False
     self._again = False
     self._handler = self._handle  # One bound method, to compare with.
+    global _guard
+    _guard = self
     # A signal the parent chose to ignore stays ignored, as Python leaves
     # it (a shell script's background jobs ignore Ctrl-C; the script
     # itself then passes SIGTERM on).
@@ -160,6 +182,11 @@ class Guard:
     `signal.getsignal` does not see."""
     if sig in self._signals:
       signal.signal(sig, self._handler)
+
+  def stopped(self) -> Stopped:
+    """The `Stopped` of the signal received (there must be one)."""
+    return Stopped(signal.Signals(self.received).name,
+                   exit_code(self.received))
 
   def finished(self) -> None:
     """The job's work is done: a signal now changes nothing."""

@@ -149,6 +149,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step = start
   stop = False
   try:
+    # A signal during start-up whose `Stopped` a library swallowed.
+    stopping.raise_if_stopping()
     with metric_writers.ensure_flushes(writer):
       while step < t.num_steps:
         step += 1

@@ -169,6 +169,42 @@ def test_signal_while_restoring_keeps_the_checkpoints(jobs, workdir,
   assert not _temporaries(workdir)
 
 
+# A job's prelude: SIGINT arrives inside orbax's restore, and the restore
+# (as a library may) makes of the guard's `Stopped` an error of its own, or
+# drops it and goes on.
+_RESTORE_MEETS_A_SIGNAL = '''
+import os, signal
+import orbax.checkpoint as ocp
+_restore = ocp.CheckpointManager.restore
+def _restore_with_a_signal(self, *args, **kwargs):
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(100):  # Python runs the handler between two of these.
+      pass
+  except KeyboardInterrupt:
+    if {error}:
+      raise ValueError('interrupted') from None
+  return _restore(self, *args, **kwargs)
+ocp.CheckpointManager.restore = _restore_with_a_signal
+'''
+
+
+@pytest.mark.parametrize('error', [True, False],
+                         ids=['turned_into_an_error', 'dropped'])
+def test_a_signal_a_library_mishandles_still_stops_the_job(
+    jobs, workdir, shapes_data_dir, tmp_path, error):
+  # Not a checkpoint that did not read (which would be set aside and the
+  # one before restored), nor a job that trains on.
+  before = _digest(os.path.join(workdir, 'checkpoints'))
+  job = jobs(tmp_path, _base(workdir, shapes_data_dir,
+                             '--config.train.num_steps=12'),
+             prelude=_RESTORE_MEETS_A_SIGNAL.format(error=error))
+  _assert_stopped(job, job.finish(), 130, 'stopped by SIGINT during start-up',
+                  'the last checkpoint is step 6')
+  assert _digest(os.path.join(workdir, 'checkpoints')) == before
+  assert 'unreadable' not in job.err
+
+
 def _slowed(module: str, function: str) -> str:
   """A job's prelude that makes capjax.data.`module`.`function` take 20 ms
   more a call: long enough a phase to be signalled in the middle of it."""
