@@ -243,7 +243,7 @@ def as_features(config, predict, host_batch: dict[str, np.ndarray],
   return batch | {'features': features.astype(dtype)}
 
 
-def step_flops(par, train_step, predict, tx, config, *args) -> float | None:
+def step_flops(par, train_step, predict, config, *args) -> float | None:
   """FLOPs per device of one train step, as XLA counts them.
 
   XLA's cost analysis counts the body of a loop once, whatever its trip
@@ -251,7 +251,8 @@ def step_flops(par, train_step, predict, tx, config, *args) -> float | None:
   only, never compiled or run.
   """
   unrolled = par.step(functools.partial(
-      train_step, predict=predict.unrolled(), tx=tx, config=config))
+      train_step, predict=predict.unrolled(), config=config),
+                      constant_argnums=(3,))
   cost = unrolled.lower(*args).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return (cost or {}).get('flops')  # Per device: the program is per device.
@@ -292,22 +293,23 @@ def _train(config, per_device_batch: int, steps: int, repeats: int,
   predict = _predict(config, vocab_size)
   par = parallel.Parallel(config)
   state = random_state(config, predict, par)
-  tx = optimizer.make(config, state.params)
   step = par.step(functools.partial(cross_entropy.train_step,
-                                    predict=predict, tx=tx, config=config))
+                                    predict=predict, config=config),
+                  constant_argnums=(3,))
   host_batch, tokens = synthetic_batch(config, config.batch_size, vocab_size)
   if features:
     host_batch = as_features(config, predict, host_batch)
   batch = par.put_batch(host_batch)
   rng = jax.random.key(1)
+  schedule = par.put_constant(optimizer.schedule_values(config))
   state = par.put_state(state)
-  flops = step_flops(par, cross_entropy.train_step, predict, tx, config,
-                     state, batch, rng)
+  flops = step_flops(par, cross_entropy.train_step, predict, config,
+                     state, batch, rng, schedule)
 
   def run():
     nonlocal state
     for _ in range(steps):
-      state, _ = step(state, batch, rng)
+      state, _ = step(state, batch, rng, schedule)
     return state
 
   seconds = _median_seconds(run, repeats) / steps
@@ -358,6 +360,7 @@ def _scst(config, per_device_batch: int, steps: int, repeats: int,
       np.repeat(np.arange(5_000), s.max_references), eos=s.eos)
   batch = par.put_batch(host_batch)
   rng = jax.random.key(1)
+  schedule = par.put_constant(optimizer.schedule_values(config))
   out = {'input': 'features' if features else 'images',
          'per_device_batch': per_device_batch, 'samples': s.num_samples,
          'baseline': s.baseline, 'devices': jax.device_count()}
@@ -365,16 +368,14 @@ def _scst(config, per_device_batch: int, steps: int, repeats: int,
       ('cross_entropy', cross_entropy.train_step, ()),
       ('scst', scst.train_step, (par.put_constant(table),))):
     state = random_state(config, predict, par)
-    tx = optimizer.make(config, state.params)
-    step = par.step(functools.partial(fn, predict=predict, tx=tx,
-                                      config=config),
-                    constant_argnums=(3,) if extra else ())
+    step = par.step(functools.partial(fn, predict=predict, config=config),
+                    constant_argnums=tuple(range(3, 4 + len(extra))))
     state = par.put_state(state)
 
     def run(step=step, extra=extra):
       nonlocal state
       for _ in range(steps):
-        state, _ = step(state, batch, rng, *extra)
+        state, _ = step(state, batch, rng, schedule, *extra)
       return state
 
     out[f'{name}_step_seconds'] = _median_seconds(run, repeats) / steps

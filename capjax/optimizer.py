@@ -1,43 +1,100 @@
 """The optax optimizer: AdamW with warm-up and decay, clipping, and a frozen
-or separately scheduled encoder."""
+or separately scheduled encoder.
 
+The schedule's values (peak learning rates, warm-up and decay lengths) are an
+input of the train step, not constants of its program: runs that differ only
+in them (another `num_steps`, each trial of a learning-rate study) share one
+compiled step.
+"""
+
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from capjax.errors import UserError
 
 SCHEDULES = ('cosine', 'step', 'constant')
 
+# The schedule's values, by part of the model ('decoder', and 'encoder' when
+# it has an AdamW of its own): {name: float32 scalar}.
+Values = dict[str, dict[str, Any]]
+# What a train step may take instead of `make`: schedule -> transformation.
+MakeTx = Callable[[Values], optax.GradientTransformation]
 
-def learning_rate(config: ml_collections.ConfigDict, peak: float,
-                  start: int = 0) -> optax.Schedule:
-  """Zero before `start`, then linear warm-up to `peak`, then the decay.
 
-  Steps here count optimizer updates: with gradient accumulation over k
-  batches, a run of `num_steps` batches makes num_steps / k updates.
-  """
+def _check(config: ml_collections.ConfigDict) -> None:
   t = config.train
   if t.schedule not in SCHEDULES:
     raise UserError(f'unknown --config.train.schedule={t.schedule!r}; choose '
                     f'one of {", ".join(SCHEDULES)}')
-  warmup = optax.linear_schedule(0.0, peak, max(t.warmup_steps, 1))
+  if t.schedule == 'step' and t.step_every_steps <= 0:
+    raise UserError('--config.train.step_every_steps must be positive for '
+                    f'the step schedule, not {t.step_every_steps}')
+
+
+def _part_values(config: ml_collections.ConfigDict, peak: float,
+                 start: int = 0) -> dict[str, np.ndarray]:
+  """One AdamW's schedule: its peak, the update it starts at, warm-up, and
+  decay after warm-up."""
+  t = config.train
   updates = t.num_steps // max(t.grad_accum_steps, 1)
-  decay_steps = max(updates - start - t.warmup_steps, 1)
-  if t.schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(peak, decay_steps)
-  elif t.schedule == 'step':
-    decay = optax.exponential_decay(peak, t.step_every_steps, t.step_factor,
-                                    staircase=True)
+  values = {'peak': peak, 'start': start, 'warmup': t.warmup_steps,
+            'decay': max(updates - start - t.warmup_steps, 1),
+            'every': t.step_every_steps, 'factor': t.step_factor}
+  return {k: np.float32(v) for k, v in values.items()}
+
+
+def schedule_values(config: ml_collections.ConfigDict) -> Values:
+  """What the train step takes as its `schedule` input."""
+  _check(config)
+  t = config.train
+  values = {'decoder': _part_values(config, t.learning_rate)}
+  if not config.model.encoder.frozen:
+    values['encoder'] = _part_values(config, t.encoder_learning_rate,
+                                     t.encoder_from_step)
+  return values
+
+
+def _schedule(kind: str, v: dict[str, Any], count) -> jax.Array:
+  """The learning rate at update `count`: linear warm-up from 0 to the peak,
+  then the decay of `kind`.
+
+  optax's schedules compose this, but check their step counts in Python, so
+  they cannot take them as traced inputs; this is their arithmetic (linear,
+  cosine_decay and exponential_decay with staircase, joined at the warm-up's
+  end) over arrays.
+  """
+  count = jnp.asarray(count, jnp.float32)
+  warmup = jnp.maximum(v['warmup'], 1.0)
+  frac = 1.0 - jnp.clip(count, 0.0, warmup) / warmup
+  warm = -v['peak'] * frac + v['peak']
+  after = count - v['warmup']
+  if kind == 'cosine':
+    decayed = v['peak'] * (
+        0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(after, v['decay']) /
+                             v['decay'])))
+  elif kind == 'step':
+    decayed = v['peak'] * v['factor'] ** jnp.floor(after / v['every'])
   else:
-    decay = optax.constant_schedule(peak)
-  schedule = optax.join_schedules([warmup, decay], [t.warmup_steps])
-  if start:
-    schedule = optax.join_schedules([optax.constant_schedule(0.0), schedule],
-                                    [start])
-  return schedule
+    decayed = jnp.broadcast_to(v['peak'], after.shape)
+  return jnp.where(after < 0, warm, decayed)
+
+
+def learning_rate(config: ml_collections.ConfigDict,
+                  part: str = 'decoder') -> optax.Schedule:
+  """The learning rate of `part`'s AdamW by its update count.
+
+  Updates, not batches: with gradient accumulation over k batches, a run of
+  `num_steps` batches makes num_steps / k updates. An encoder fine-tuned
+  from train.encoder_from_step counts from there.
+  """
+  values = schedule_values(config)[part]
+  return lambda count: _schedule(config.train.schedule, values, count)
 
 
 def _decay_mask(params):
@@ -45,37 +102,43 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make(config: ml_collections.ConfigDict,
-         params: Any) -> optax.GradientTransformation:
+def make(config: ml_collections.ConfigDict, params: Any,
+         schedule: Values | None = None) -> optax.GradientTransformation:
   """Clip the global norm, then AdamW per part of the model.
 
   `params` is the captioner's {'encoder': ..., 'decoder': ...} (and its
-  'concept_head', which learns as the decoder does). A frozen
-  encoder gets `set_to_zero`, which keeps no optimizer state at all; one
-  fine-tuned from train.encoder_from_step gets updates from then on.
+  'concept_head', which learns as the decoder does). `schedule`: the
+  step's input of `schedule_values(config)`; None, those values as
+  constants (to initialise a state). A frozen encoder gets `set_to_zero`,
+  which keeps no optimizer state at all; one fine-tuned from
+  train.encoder_from_step gets updates from then on.
   """
   t = config.train
+  if schedule is None:
+    schedule = schedule_values(config)
+  _check(config)
 
-  def adamw(schedule):
-    return optax.adamw(schedule, b2=t.b2, weight_decay=t.weight_decay,
-                       mask=_decay_mask)
+  def adamw(values):
+    return optax.adamw(
+        lambda count: _schedule(t.schedule, values, count),
+        b2=t.b2, weight_decay=t.weight_decay, mask=_decay_mask)
 
-  parts = {'decoder': adamw(learning_rate(config, t.learning_rate))}
+  parts = {'decoder': adamw(schedule['decoder'])}
   start = t.encoder_from_step
   if config.model.encoder.frozen:
     parts['encoder'] = optax.set_to_zero()
   elif not start:
-    parts['encoder'] = adamw(learning_rate(config, t.encoder_learning_rate))
+    parts['encoder'] = adamw(schedule['encoder'])
   else:
     # The encoder's AdamW starts at update `start`, as if made then (as
     # when fine-tuning is switched on after training the decoder). The steps
     # before give the encoder no gradient (train.py runs the frozen model),
     # so an AdamW counting them would start with zero moments and a bias
     # correction that no longer corrects: several times its rate at first.
-    schedule = learning_rate(config, t.encoder_learning_rate, start=start)
+    # Its own count starts at 0 there, which is where its schedule starts.
     parts['encoder'] = optax.transforms.conditionally_mask(
-        adamw(lambda count: schedule(count + start)),
-        lambda count: count >= start)
+        adamw(schedule['encoder']),
+        lambda count: count >= schedule['encoder']['start'])
   labels = {name: jax.tree.map(
       lambda _, n=('encoder' if name == 'encoder' else 'decoder'): n, subtree)
             for name, subtree in params.items()}

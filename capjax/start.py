@@ -14,7 +14,6 @@ import shutil
 from absl import logging
 import jax
 import ml_collections
-import optax
 
 from capjax import checkpoint as checkpoint_lib
 from capjax import concepts as concepts_lib
@@ -36,7 +35,6 @@ class Start:
   par: parallel.Parallel
   objective: objectives.Objective
   predict: models.Predict  # The one road to the model.
-  tx: optax.GradientTransformation
   meta: dict
   checkpoints: checkpoint_lib.Checkpoints
   state: state_lib.TrainState
@@ -114,6 +112,6 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Start:
     # Once the checkpoints are known to be this model's: a run refused
     # above leaves the workdir as it found it.
     concepts_lib.save_for_run(workdir, concepts)
-  return Start(data=data, par=par, objective=objective, predict=predict, tx=tx,
+  return Start(data=data, par=par, objective=objective, predict=predict,
                meta=meta, checkpoints=checkpoints, state=state, step=step,
                step_rng=step_rng, concepts=concepts)

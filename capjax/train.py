@@ -49,9 +49,8 @@ def _frozen_until(config: ml_collections.ConfigDict) -> int:
 
 
 def _learning_rate(config, step: int) -> float:
-  t = config.train
-  return float(optimizer.learning_rate(config, t.learning_rate)(
-      step // max(t.grad_accum_steps, 1)))
+  return float(optimizer.learning_rate(config)(
+      step // max(config.train.grad_accum_steps, 1)))
 
 
 def train_and_evaluate(
@@ -81,9 +80,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_chief = jax.process_index() == 0
   # ------------------------------------------- data, model, first state
   begun = start_lib.start(config, workdir)
-  data, par, objective, predict, tx, meta, checkpoints, state, start = (
-      begun.data, begun.par, begun.objective, begun.predict, begun.tx,
-      begun.meta, begun.checkpoints, begun.state, begun.step)
+  data, par, objective, predict, meta, checkpoints, state, start = (
+      begun.data, begun.par, begun.objective, begun.predict, begun.meta,
+      begun.checkpoints, begun.state, begun.step)
   if start >= t.num_steps:
     logging.info('Already trained to step %d of %d.', start, t.num_steps)
 
@@ -124,9 +123,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                           logdir=workdir))
 
   # --------------------------------------------------------------- update
-  constants = tuple(par.put_constant(c) for c in objective.constants)
+  # The schedule's values are an input: a run of another length or learning
+  # rate compiles (or finds in the compilation cache) the same step.
+  constants = tuple(par.put_constant(c) for c in (
+      optimizer.schedule_values(config), *objective.constants))
   make_step = lambda p: par.step(
-      functools.partial(objective.step, predict=p, tx=tx, config=config),
+      functools.partial(objective.step, predict=p, config=config),
       constant_argnums=tuple(range(3, 3 + len(constants))))
   p_train = make_step(predict)
   # Until the encoder starts learning (train.encoder_from_step) its update is

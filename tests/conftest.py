@@ -207,13 +207,13 @@ def random_variables(init, *args, seed: int = 0):
 
 
 def init_model(config):
-  """(predict, tx, state): the model of `config` with VOCAB_SIZE words."""
+  """(predict, schedule, state): the model of `config` with VOCAB_SIZE
+  words, and the train step's schedule input."""
   predict = models.Predict(models.build_captioner(
       config.model, VOCAB_SIZE, max_len=config.data.max_len))
   state = jax.jit(functools.partial(state_lib.create, config, predict,
                                     None))(jax.random.key(0))
-  tx = optimizer.make(config, state.params)
-  return predict, tx, state
+  return predict, optimizer.schedule_values(config), state
 
 
 COCO_WORDS = ('a man woman dog cat riding sitting on the red bench table '

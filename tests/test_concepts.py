@@ -214,7 +214,6 @@ def test_the_train_step_adds_the_weighted_concept_loss(test_config):
                                                   concepts=(6, 6)))
   state = jax.jit(functools.partial(state_lib.create, config, predict,
                                     None))(jax.random.key(0))
-  tx = optimizer.make(config, state.params)
   rng = np.random.default_rng(0)
   batch = random_batch(config) | {
       'concepts/attribute': rng.integers(-1, 6, (16, 4)),
@@ -222,9 +221,9 @@ def test_the_train_step_adds_the_weighted_concept_loss(test_config):
       'concepts/centre': rng.uniform(0, 1, (16, 4, 2)).astype(np.float32)}
   par = parallel.Parallel(config)
   step = par.step(functools.partial(cross_entropy.train_step,
-                                    predict=predict, tx=tx, config=config))
+                                    predict=predict, config=config))
   _, metrics = step(par.put_state(state), par.put_batch(batch),
-                    jax.random.key(1))
+                    jax.random.key(1), optimizer.schedule_values(config))
   m = {k: float(v) for k, v in metrics.items()}
   np.testing.assert_allclose(
       m['loss'], m['cross_entropy'] + config.train.attention_penalty *

@@ -18,14 +18,15 @@ from conftest import random_batch
 from conftest import step_config
 
 
-def _single_device_run(config, predict, tx, state, batches, rng):
+def _single_device_run(config, predict, tx, state, batches, rng, schedule):
   """The reference: one device holding the whole global batch."""
   step = jax.jit(jax.vmap(
-      functools.partial(cross_entropy.train_step, predict=predict, tx=tx,
-                        config=config),
-      in_axes=(None, 0, None), out_axes=0, axis_name=parallel.AXIS))
+      functools.partial(cross_entropy.train_step, predict=predict,
+                        tx=lambda _: tx, config=config),
+      in_axes=(None, 0, None, None), out_axes=0, axis_name=parallel.AXIS))
   for batch in batches:
-    out, _ = step(state, jax.tree.map(lambda x: x[None], batch), rng)
+    out, _ = step(state, jax.tree.map(lambda x: x[None], batch), rng,
+                  schedule)
     state = jax.tree.map(lambda x: x[0], out)
   return state
 
@@ -36,7 +37,7 @@ def test_data_parallel_equals_one_device(test_config, kind, decoder):
   assert jax.device_count() == 8
   config = step_config(test_config, kind)
   config.model.decoder.name = decoder
-  predict, _, state = init_model(config)
+  predict, schedule, state = init_model(config)
   # Plain SGD: Adam divides by the gradients' own scale, which turns float
   # rounding (sums in another order on 8 devices) into visible differences
   # for parameters whose gradients are nearly zero.
@@ -45,14 +46,15 @@ def test_data_parallel_equals_one_device(test_config, kind, decoder):
   initial = jax.tree.map(np.array, state.params)  # The step donates `state`.
   batches = [random_batch(config, seed) for seed in range(3)]
   rng = jax.random.key(1)
-  want = _single_device_run(config, predict, tx, state, batches, rng)
+  want = _single_device_run(config, predict, tx, state, batches, rng,
+                            schedule)
 
   par = parallel.Parallel(config)
   step = par.step(functools.partial(cross_entropy.train_step, predict=predict,
-                                    tx=tx, config=config))
+                                    tx=lambda _: tx, config=config))
   got = par.put_state(state)
   for batch in batches:
-    got, metrics = step(got, par.put_batch(batch), rng)
+    got, metrics = step(got, par.put_batch(batch), rng, schedule)
   got = par.get_state(got)
   assert int(got.step) == 3 and not bool(metrics['nonfinite'])
   # The encoder trains too (frozen=False), so every parameter is compared.
@@ -66,35 +68,34 @@ def test_data_parallel_equals_one_device(test_config, kind, decoder):
 
 def test_step_compiles_once(test_config):
   config = step_config(test_config)
-  predict, tx, state = init_model(config)
+  predict, schedule, state = init_model(config)
   traces = []
 
   def counted(*args):
     traces.append(1)
-    return cross_entropy.train_step(*args, predict=predict, tx=tx,
-                                    config=config)
+    return cross_entropy.train_step(*args, predict=predict, config=config)
   par = parallel.Parallel(config)
   step = par.step(counted)
   state = par.put_state(state)
   for seed in range(3):
     state, _ = step(state, par.put_batch(random_batch(config, seed)),
-                    jax.random.key(0))
+                    jax.random.key(0), schedule)
   assert len(traces) == 1
 
 
 def test_nonfinite_step_is_skipped_and_stops_the_job(test_config):
   config = step_config(test_config)
-  predict, tx, state = init_model(config)
+  predict, schedule, state = init_model(config)
   par = parallel.Parallel(config)
   step = par.step(functools.partial(cross_entropy.train_step, predict=predict,
-                                    tx=tx, config=config))
+                                    config=config))
   batch = random_batch(config)
   # The model also takes float pixels; a NaN one poisons the loss.
   batch['image'] = batch['image'].astype(np.float32)
   batch['image'][0, 0, 0, 0] = np.nan
   before = jax.tree.map(np.array, state.params)
   new, metrics = step(par.put_state(state), par.put_batch(batch),
-                      jax.random.key(0))
+                      jax.random.key(0), schedule)
   assert bool(metrics['nonfinite']) and int(new.step) == 1
   jax.tree.map(np.testing.assert_array_equal, new.params, before)
 

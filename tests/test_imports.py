@@ -103,15 +103,14 @@ print(sorted(shapes))
 # One train step of configs/test.py's model on random inputs.
 state = jax.jit(functools.partial(state_lib.create, config, predict,
                                   None))(jax.random.key(0))
-tx = optimizer.make(config, state.params)
 par = parallel.Parallel(config)
 step = par.step(functools.partial(cross_entropy.train_step, predict=predict,
-                                  tx=tx, config=config))
+                                  config=config))
 batch, _ = benchmark.synthetic_batch(config, config.batch_size, 11)
 batch['image'] = np.random.default_rng(0).integers(
     0, 256, batch['image'].shape, np.uint8)
 state, metrics = step(par.put_state(state), par.put_batch(batch),
-                      jax.random.key(1))
+                      jax.random.key(1), optimizer.schedule_values(config))
 print(int(par.get_state(state).step), bool(np.isfinite(metrics['loss'])))
 
 # A beam search of two images.

@@ -109,7 +109,7 @@ def test_samples_follow_the_model_and_its_bans(test_config):
 
 
 def _run(config, steps=2):
-  predict, _, state = init_model(config)
+  predict, schedule, state = init_model(config)
   tx = optax.adam(1e-2)
   state = state.replace(opt_state=tx.init(state.params))
   initial = jax.tree.map(np.array, state.params)
@@ -118,15 +118,16 @@ def _run(config, steps=2):
 
   def counted(*args):
     traces.append(1)
-    return scst.train_step(*args, predict=predict, tx=tx, config=config)
+    return scst.train_step(*args, predict=predict, tx=lambda _: tx,
+                           config=config)
 
-  step = par.step(counted, constant_argnums=(3,))
+  step = par.step(counted, constant_argnums=(4,))
   batches = [_scst_batch(config, seed) for seed in range(steps)]
   table = par.put_constant(_table(batches[0]))
   state = par.put_state(state)
   for batch in batches:
     state, metrics = step(state, par.put_batch(batch), jax.random.key(5),
-                          table)
+                          schedule, table)
   assert len(traces) == 1  # One compilation for every step.
   return initial, par.get_state(state), jax.device_get(metrics)
 
@@ -171,7 +172,7 @@ def test_sampling_and_dropout_draw_from_independent_keys(test_config,
   """Also: the loss logged is the one optimised (the same step)."""
   config = _scst_config(test_config)
   config.scst.ce_weight = 0.5  # The cross-entropy term uses dropout.
-  predict, tx, state = init_model(config)
+  predict, schedule, state = init_model(config)
   sample_keys, dropout_keys = [], []
   sample = decode.sample
 
@@ -185,12 +186,12 @@ def test_sampling_and_dropout_draw_from_independent_keys(test_config,
   monkeypatch.setattr(scst.decode, 'sample', recording_sample)
   par = parallel.Parallel(config)
   step = par.step(functools.partial(
-      scst.train_step, predict=_RecordingPredict(predict, dropout_keys), tx=tx,
-      config=config), constant_argnums=(3,))
+      scst.train_step, predict=_RecordingPredict(predict, dropout_keys),
+      config=config), constant_argnums=(4,))
   batch = _scst_batch(config)
   _, metrics = jax.device_get(step(
       par.put_state(state), par.put_batch(batch), jax.random.key(0),
-      par.put_constant(_table(batch))))
+      schedule, par.put_constant(_table(batch))))
   jax.effects_barrier()
   assert sample_keys and dropout_keys
   drawn = {tuple(np.asarray(k).ravel()) for k in sample_keys}
@@ -239,12 +240,13 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
   # Three stages, as before configs/test.py took resnet_micro: with its
   # 8x8 grid of 16 channels, 40 steps raise the greedy CIDEr-D by 0.16.
   config.model.encoder.arch = 'resnet_small'
-  predict, _, state = init_model(config)
+  predict, schedule, state = init_model(config)
   tx = optax.adam(3e-3)
   state = state.replace(opt_state=tx.init(state.params))
   par = parallel.Parallel(config)
-  step = par.step(functools.partial(scst.train_step, predict=predict, tx=tx,
-                                    config=config), constant_argnums=(3,))
+  step = par.step(functools.partial(scst.train_step, predict=predict,
+                                    tx=lambda _: tx, config=config),
+                  constant_argnums=(4,))
   host_batch = _scst_batch(config)
   table = _table(host_batch)
   batch, placed = par.put_batch(host_batch), par.put_constant(table)
@@ -265,7 +267,7 @@ def test_scst_steps_raise_the_reward_they_optimise(test_config):
   state = par.put_state(state)
   rewards = []
   for i in range(40):
-    state, metrics = step(state, batch, jax.random.key(i), placed)
+    state, metrics = step(state, batch, jax.random.key(i), schedule, placed)
     rewards.append(float(metrics['reward']))
   after = float(greedy_cider(par.get_state(state).params))
   print(f'greedy CIDEr-D of the batch {before:.3f} -> {after:.3f}; sample '

@@ -20,10 +20,13 @@ class Objective:
   """A training objective, as the loop runs it.
 
   Attributes:
-    step: `step(state, batch, rng, *constants, predict=, tx=, config=) ->
-      (state, metrics)`, written for the batch one device sees, with the
-      collectives of `capjax.parallel`; metrics are reduced over devices.
-      `predict` is the model's `models.Predict`.
+    step: `step(state, batch, rng, schedule, *constants, predict=, config=,
+      tx=None) -> (state, metrics)`, written for the batch one device sees,
+      with the collectives of `capjax.parallel`; metrics are reduced over
+      devices. `predict` is the model's `models.Predict`; `schedule` is
+      `optimizer.schedule_values(config)` (an input, so that runs that
+      differ only in it share one compiled step); `tx(schedule)`, if given,
+      is the optax transformation to use instead of `optimizer.make`'s.
     constants: arrays every step reads and none changes (a lookup table),
       placed on the devices once.
     references: R > 0: the batches must carry `references` [b, R, L], every

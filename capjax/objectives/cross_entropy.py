@@ -7,10 +7,10 @@ cross-entropy plus lambda times the doubly stochastic attention penalty
 
 import jax
 import ml_collections
-import optax
 
 from capjax import losses
 from capjax import models
+from capjax import optimizer
 from capjax import parallel
 from capjax import state as state_lib
 from capjax.models import concepts as concepts_lib
@@ -28,9 +28,9 @@ def make(config: ml_collections.ConfigDict,
 
 
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
-               rng: jax.Array, *, predict: models.Predict,
-               tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict
+               rng: jax.Array, schedule: optimizer.Values, *,
+               predict: models.Predict, config: ml_collections.ConfigDict,
+               tx: optimizer.MakeTx | None = None
                ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One optimizer step on the batch this device sees.
 
@@ -63,6 +63,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
     # Each device normalised its own share; keep one average of the stats.
     batch_stats = parallel.mean(updates['batch_stats'])
   loss = _loss(sums, t)
+  tx = tx(schedule) if tx else optimizer.make(config, state.params, schedule)
   state, grad_norm, finite = state_lib.apply_gradients(state, grads, loss, tx,
                                                        batch_stats)
   metrics = {

@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from capjax import decode
 from capjax import losses
 from capjax import models
+from capjax import optimizer
 from capjax import parallel
 from capjax import state as state_lib
 from capjax.objectives import common
@@ -113,9 +113,10 @@ def document_frequencies(references: dict[int, list[str]], vocab: Vocab,
 
 
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
-               rng: jax.Array, table: cider_jax.DocumentFrequencies, *,
-               predict: models.Predict, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict
+               rng: jax.Array, schedule: optimizer.Values,
+               table: cider_jax.DocumentFrequencies, *,
+               predict: models.Predict, config: ml_collections.ConfigDict,
+               tx: optimizer.MakeTx | None = None
                ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One SCST step on the batch this device sees.
 
@@ -181,6 +182,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   loss = pg_loss  # What the gradient is of, and what the guard checks.
   if s.ce_weight:
     loss = loss + s.ce_weight * sums['ce'] / sums['ce_tokens']
+  tx = tx(schedule) if tx else optimizer.make(config, state.params, schedule)
   state, grad_norm, finite = state_lib.apply_gradients(state, grads, loss, tx)
   metrics = {
       'loss': loss,
