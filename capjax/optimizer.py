@@ -3,8 +3,8 @@ or separately scheduled encoder.
 
 The schedule's values (peak learning rates, warm-up and decay lengths) are an
 input of the train step, not constants of its program: runs that differ only
-in them (another `num_steps`, each trial of a learning-rate study) share one
-compiled step.
+in them (another `num_steps`, each trial of a learning-rate study) compile
+the same program, which JAX's persistent compilation cache then serves.
 """
 
 from collections.abc import Callable
