@@ -100,8 +100,12 @@ def raise_if_stopping() -> None:
   the `Stopped` raised inside it into an error of its own, which must stop
   the job, not count as a damaged file.
   """
-  if _guard is not None and _guard.received is not None:
-    raise _guard.stopped()
+  guard = _guard
+  # Only while it takes the signal: not once the training loop's handlers
+  # took over, nor for a guard that an earlier test in this process made.
+  if (guard is not None and guard.received is not None and
+      signal.getsignal(guard.received) == guard._handler):  # pylint: disable=protected-access
+    raise guard.stopped()
 
 
 def exit_now(line: str, code: int) -> NoReturn:

@@ -145,14 +145,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = par.put_state(state)
 
   # ----------------------------------------------------------------- loop
+  try:
+    # A signal of start-up whose `Stopped` a library dropped stops the job
+    # here, while the entry point's guard still takes the signals.
+    stopping.raise_if_stopping()
+  except stopping.Stopped:
+    checkpoints.close()
+    writer.close()
+    raise
   preemption = preemption_lib.Preemption()
   pending = []  # Device metrics of the steps since the last fetch.
   since = time.perf_counter()
   step = start
   stop = False
   try:
-    # A signal during start-up whose `Stopped` a library swallowed.
-    stopping.raise_if_stopping()
     with metric_writers.ensure_flushes(writer):
       while step < t.num_steps:
         step += 1

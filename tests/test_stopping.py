@@ -469,6 +469,30 @@ def test_the_guard_raises_stopped_once_and_then_notes(monkeypatch):
       signal.signal(s, handler)
 
 
+def test_a_signal_stops_later_code_only_while_the_guard_takes_it(
+    monkeypatch):
+  monkeypatch.setattr(stopping, 'exit_now', lambda line, code: None)
+  before = {s: signal.getsignal(s) for s in stopping.Guard.SIGNALS}
+  try:
+    stopping.raise_if_stopping()  # Nothing received: nothing to stop.
+    guard = stopping.Guard()
+    try:  # A library that catches the `Stopped` and goes on.
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)
+    except stopping.Stopped:
+      pass
+    with pytest.raises(stopping.Stopped, match='SIGINT'):
+      stopping.raise_if_stopping()
+    # Another handler now: the training loop's, or this process's own
+    # after the guard's job (the code runs on in-process).
+    signal.signal(signal.SIGINT, before[signal.SIGINT])
+    assert guard.received == signal.SIGINT
+    stopping.raise_if_stopping()
+  finally:
+    for s, handler in before.items():
+      signal.signal(s, handler)
+
+
 class _Dropper:
   """Runs the signal's handler inside __del__, which drops what it raises,
   as a garbage-collector callback does."""
