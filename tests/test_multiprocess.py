@@ -65,8 +65,10 @@ def _run(cmd, env):
 
 def _job(workdir, data_dir, steps, extra=()):
   """The job on 2 processes of 2 CPU devices each, by the launcher."""
+  # Process 1's log beside the workdir, not in a folder of /tmp of its own.
   env = dict(os.environ, JAX_PLATFORMS='cpu', NUM_PROCESSES='2',
-             DEVICES_PER_PROCESS='2', PYTHON=sys.executable)
+             DEVICES_PER_PROCESS='2', PYTHON=sys.executable,
+             LOG_DIR=f'{workdir}-logs')
   args = [*FLAGS, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           f'--config.train.num_steps={steps}', *extra]
   return _run(['bash', 'launch/local_multiprocess.sh', *args], env)
