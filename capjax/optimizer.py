@@ -60,41 +60,44 @@ def schedule_values(config: ml_collections.ConfigDict) -> Values:
   return values
 
 
-def _schedule(kind: str, v: dict[str, Any], count) -> jax.Array:
+def _schedule(kind: str, v: dict[str, Any], count, xp=jnp) -> jax.Array:
   """The learning rate at update `count`: linear warm-up from 0 to the peak,
-  then the decay of `kind`.
+  then the decay of `kind`; computed with `xp` (jax.numpy in the step,
+  NumPy on the host).
 
   optax's schedules compose this, but check their step counts in Python, so
   they cannot take them as traced inputs; this is their arithmetic (linear,
   cosine_decay and exponential_decay with staircase, joined at the warm-up's
   end) over arrays.
   """
-  count = jnp.asarray(count, jnp.float32)
-  warmup = jnp.maximum(v['warmup'], 1.0)
-  frac = 1.0 - jnp.clip(count, 0.0, warmup) / warmup
+  count = xp.asarray(count, xp.float32)
+  warmup = xp.maximum(v['warmup'], 1.0)
+  frac = 1.0 - xp.clip(count, 0.0, warmup) / warmup
   warm = -v['peak'] * frac + v['peak']
   after = count - v['warmup']
   if kind == 'cosine':
     decayed = v['peak'] * (
-        0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(after, v['decay']) /
-                             v['decay'])))
+        0.5 * (1.0 + xp.cos(xp.pi * xp.minimum(after, v['decay']) /
+                            v['decay'])))
   elif kind == 'step':
-    decayed = v['peak'] * v['factor'] ** jnp.floor(after / v['every'])
+    decayed = v['peak'] * v['factor'] ** xp.floor(after / v['every'])
   else:
-    decayed = jnp.broadcast_to(v['peak'], after.shape)
-  return jnp.where(after < 0, warm, decayed)
+    decayed = xp.broadcast_to(v['peak'], after.shape)
+  return xp.where(after < 0, warm, decayed)
 
 
-def learning_rate(config: ml_collections.ConfigDict,
-                  part: str = 'decoder') -> optax.Schedule:
-  """The learning rate of `part`'s AdamW by its update count.
+def learning_rate(config: ml_collections.ConfigDict, part: str = 'decoder',
+                  xp=np) -> optax.Schedule:
+  """The learning rate of `part`'s AdamW by its update count, as the train
+  step computes it; with NumPy by default (the host logs it each
+  `log_every_steps`: no device work), or `xp=jax.numpy`.
 
   Updates, not batches: with gradient accumulation over k batches, a run of
   `num_steps` batches makes num_steps / k updates. An encoder fine-tuned
   from train.encoder_from_step counts from there.
   """
   values = schedule_values(config)[part]
-  return lambda count: _schedule(config.train.schedule, values, count)
+  return lambda count: _schedule(config.train.schedule, values, count, xp)
 
 
 def _decay_mask(params):

@@ -61,10 +61,15 @@ def test_the_schedule_is_optaxs(test_config, kind, warmup):
   counts = jnp.arange(230)  # Past the end: the schedule holds its last value.
   for part, peak, start in (('decoder', 3e-4, 0), ('encoder', 2e-5, 40)):
     want = jax.vmap(_optax_schedule(test_config, peak, start))(counts)
-    got = jax.jit(jax.vmap(optimizer.learning_rate(test_config, part)))(counts)
+    # In the step (traced) and on the host (NumPy, for the logs).
+    in_step = jax.jit(jax.vmap(optimizer.learning_rate(test_config, part,
+                                                       xp=jnp)))(counts)
+    on_host = optimizer.learning_rate(test_config, part)(np.asarray(counts))
+    assert isinstance(on_host, np.ndarray)
     # The same arithmetic; XLA may order it differently in either program,
     # and near the cosine's end 1 + cos(x) cancels digits.
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * peak)
+    for got in (in_step, on_host):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * peak)
 
 
 def test_the_optimizer_state_is_optaxs(test_config):
