@@ -40,6 +40,12 @@ Compilation and a first warm-up run are excluded; each figure is the median
 of --repeats device-synchronised runs.
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from capjax import garbage
+
+if __name__ == '__main__':
+  garbage.collect_rarely()  # Before the imports below (capjax/garbage.py).
+
 from collections.abc import Callable
 import functools
 import json
@@ -73,6 +79,7 @@ from capjax.objectives import cross_entropy
 from capjax.objectives import scst
 from capjax.data.vocab import BOS, EOS, PAD
 from capjax.errors import UserError
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Dense bfloat16 peak FLOP/s per device, by device kind (vendor data sheets),
 # for MFU. Kinds not listed (CPUs) get no MFU.

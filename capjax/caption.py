@@ -15,6 +15,12 @@ could not be written), 2 bad usage (an output path that cannot be written
 included, told before any image is captioned).
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from capjax import garbage
+
+if __name__ == '__main__':
+  garbage.collect_rarely()  # Before the imports below (capjax/garbage.py).
+
 from collections.abc import Iterator
 import contextlib
 import json
@@ -32,6 +38,7 @@ from capjax import files
 from capjax import inference
 from capjax import report
 from capjax.errors import UserError
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 USAGE_ERROR = 2

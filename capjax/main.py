@@ -9,9 +9,11 @@ with one line and the status 1 (`distributed.PeerWatch`).
 """
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from capjax import garbage
 from capjax import stopping
 
 if __name__ == '__main__':
+  garbage.collect_rarely()  # Before the imports below (capjax/garbage.py).
   # First, before the 2 s of imports below: a signal meanwhile ends the job
   # at once (nothing is written yet), not with a traceback through whichever
   # module was loading.

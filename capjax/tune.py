@@ -10,6 +10,12 @@ $CAPJAX_STORAGE (SQLite in WORKDIR by default). Run it again, or on more
 machines, and it continues the same study. See capjax/tuning/ and the README.
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from capjax import garbage
+
+if __name__ == '__main__':
+  garbage.collect_rarely()  # Before the imports below (capjax/garbage.py).
+
 import ctypes
 import os
 import re
@@ -30,6 +36,7 @@ from capjax.tuning import results
 from capjax.tuning import storage as storage_lib
 from capjax.tuning import study as study_lib
 from capjax.tuning import sweep as sweep_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The config every trial starts from, e.g. '

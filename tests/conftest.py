@@ -2,7 +2,6 @@
 
 import atexit
 import fcntl
-import gc
 import os
 import pathlib
 import shutil
@@ -57,6 +56,15 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
   signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
+from capjax import garbage
+
+# As capjax's commands set the garbage collector, before the imports below
+# (capjax/garbage.py): at Python's defaults it took 4% of the in-process
+# tests' CPU time, walking everything JAX had cached so far (test_scst,
+# test_cross_entropy and test_decode: 8.2 s of collections in 202 s of CPU,
+# then 2.1 s).
+garbage.collect_rarely()
+
 import functools
 
 from absl import flags
@@ -75,14 +83,6 @@ from capjax.models import resnet
 
 # grain's worker processes read absl flags, which no command line parsed here.
 flags.FLAGS.mark_as_parsed()
-
-# Python's cyclic garbage collector, at its default thresholds, took 4% of
-# the CPU time of the in-process tests: tracing makes objects by the million,
-# and the full collections walk everything JAX has cached so far. Rarer young
-# collections let most of them die by reference count first (measured on
-# test_scst, test_cross_entropy and test_decode: 8.2 s of GC in 202 s, then
-# 1.7 s). Memory is not short: the tests' arrays are tiny.
-gc.set_threshold(20_000, 20, 100)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
