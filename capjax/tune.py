@@ -29,7 +29,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from capjax import checkpoint
 from capjax import cli
 from capjax.errors import UserError
 from capjax.tuning import results
@@ -240,13 +239,16 @@ def tune(config, workdir: str) -> None:
 
 def main(argv):
   logging.get_absl_handler().addFilter(cli.QuietLibraries())
-  checkpoint.quiet_reported_failures()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
     if MODE.value == 'report':
-      report(WORKDIR.value)
+      report(WORKDIR.value)  # Reads the study only: no JAX, no orbax.
     else:
+      # The trials' checkpoints (orbax and JAX, 1.5 s of imports): only
+      # here, where trials train.
+      from capjax import checkpoint  # pylint: disable=g-import-not-at-top
+      checkpoint.quiet_reported_failures()
       if CONFIG.value is None:
         raise UserError('--config is required to tune (e.g. '
                         '--config=configs/shapes.py)')

@@ -3,6 +3,7 @@ train configs/test.py, pruning, kill -9 and resume, two workers."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -511,15 +512,19 @@ def test_a_password_in_the_storage_url_stays_out_of_logs_and_results(
              for name in (results.TABLE, results.BEST_CONFIG)]
   assert all(SECRET not in text for text in [out, err, *written])
   # --storage wins over the environment (whose URL would not open).
+  # (-X importtime: the report reads the study, and imports no JAX.)
   report = subprocess.run(
-      [sys.executable, '-m', 'capjax.tune', '--mode=report',
-       f'--workdir={workdir}', f'--storage={url}'], cwd=REPO,
+      [sys.executable, '-X', 'importtime', '-m', 'capjax.tune',
+       '--mode=report', f'--workdir={workdir}', f'--storage={url}'], cwd=REPO,
       capture_output=True, text=True, check=False,
       env=dict(os.environ, CAPJAX_STORAGE='postgresql://bob:hunter2@'
                '127.0.0.1:1/study'))
   assert report.returncode == 0, report.stderr[-2000:]
   assert 'Best: trial 0, 0.5000' in report.stdout
   assert SECRET not in report.stdout + report.stderr
+  imported = re.findall(r'^import time:.*\|\s*([\w.]+)$', report.stderr, re.M)
+  assert 'optuna' in imported
+  assert not {'jax', 'orbax', 'tensorflow'} & set(imported)
 
 
 def _trained_once(workdir) -> bool:
