@@ -12,14 +12,16 @@ from conftest import REPO
 
 def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
   out = tmp_path / 'bench.json'
-  # A vocabulary of 100 words, not COCO's 10,000, for quick steps; and a
-  # frozen encoder, so that the scst benchmark's setup is the features
-  # benchmark's image one, which the run measures once (the train
-  # benchmark sets the encoder both ways itself).
+  # A vocabulary of 100 words, not COCO's 10,000, and captions of 12
+  # tokens, for quick steps (the FLOP count traces the decoder unrolled
+  # over them); and a frozen encoder, so that the scst benchmark's setup is
+  # the features benchmark's image one, which the run measures once (the
+  # train benchmark sets the encoder both ways itself).
   proc = subprocess.run(
       [sys.executable, '-m', 'capjax.benchmark', '--config=configs/test.py',
        f'--config.data.data_dir={shapes_data_dir}',
-       '--config.model.encoder.frozen=True', '--vocab_size=100',
+       '--config.model.encoder.frozen=True', '--config.data.max_len=12',
+       '--vocab_size=100',
        '--what=train,decode,scst,features,input,score',
        '--per_device_batch=1',
        '--steps=1',
