@@ -382,7 +382,11 @@ def test_a_process_killed_in_the_loop_stops_the_other(jobs, shapes_data_dir,
                          '--config.train.log_every_steps=1',
                          '--config.evals.val.every_steps=-1')
   for p in procs:
-    p.wait_for('] [4] train/')  # Past checkpoint 3, stepping.
+    # Stepping past step 6, whose save began only once checkpoint 3 was
+    # complete (orbax writes in the background, and a save waits for the
+    # one before it): a checkpoint 3 still being written when one process
+    # dies is never completed.
+    p.wait_for('] [7] train/')
   procs[1].kill()  # Its share of the next step's gradient never comes.
   killed = time.monotonic()
   rc = procs[0].finish()
