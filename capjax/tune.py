@@ -245,7 +245,7 @@ def main(argv):
     if MODE.value == 'report':
       report(WORKDIR.value)  # Reads the study only: no JAX, no orbax.
     else:
-      # The trials' checkpoints (orbax and JAX, 1.5 s of imports): only
+      # The trials' checkpoints (orbax and JAX, 0.9 s of imports): only
       # here, where trials train.
       from capjax import checkpoint  # pylint: disable=g-import-not-at-top
       checkpoint.quiet_reported_failures()
