@@ -36,7 +36,7 @@ def get_config():
   config.evals.val.num_batches = 2
   config.evals.val.num_samples = 2
   # The official METEOR starts a JVM and loads its paraphrase table: 7 s of
-  # CPU a decode, more than the rest of a tiny run's decode. The tests of
-  # the metrics and of `python -m capjax.main` ask for it.
+  # CPU a decode, more than the rest of a tiny run's decode. The slow tests
+  # of the metrics and of `python -m capjax.main` ask for it.
   config.decode.meteor = 'none'
   return config

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +23,9 @@ def test_main_trains(shapes_data_dir, tmp_path):
                f'--config.data.data_dir={shapes_data_dir}',
                '--config.evals.test.every_steps=0',
                '--config.evals.test.split=test_novel',
-               '--config.decode.meteor=java')  # The official one.
+               # NLTK's METEOR: the official one starts a JVM, 9 s of CPU
+               # (test_the_decode_job_scores_with_the_official_meteor).
+               '--config.decode.meteor=nltk')
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   vocab = json.loads((workdir / 'vocab.json').read_text())
@@ -32,7 +35,7 @@ def test_main_trains(shapes_data_dir, tmp_path):
   assert err.strip().endswith(f'logs (TensorBoard) in {workdir}.')
   # The final test table, on stdout.
   assert out.startswith('test_novel at step 6, beam 3, ')
-  assert 'CIDEr' in out and 'METEOR' in out and '(64 images scored)' in out
+  assert 'CIDEr' in out and 'METEOR_nltk' in out and '(64 images scored)' in out
 
   # The decode job on an earlier checkpoint.
   proc = _main('--config=configs/test.py', f'--workdir={workdir}',
@@ -43,6 +46,23 @@ def test_main_trains(shapes_data_dir, tmp_path):
   assert out.startswith('test at step 3, beam 3, ')
   results = json.loads((workdir / 'decode' / 'test_step3_beam3.json').read_text())
   assert len(results) == 64 and set(results[0]) == {'image_id', 'caption'}
+
+
+@pytest.mark.slow  # The JVM loads METEOR's paraphrase table: 9 s of CPU.
+def test_the_decode_job_scores_with_the_official_meteor(
+    trained_workdir, shapes_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_workdir, workdir)
+  proc = _main('--config=configs/test.py', f'--workdir={workdir}',
+               f'--config.data.data_dir={shapes_data_dir}', '--mode=decode',
+               '--config.decode.meteor=java')
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert out.startswith('test at step 6, beam 3, '), out
+  assert 'METEOR' in out and 'METEOR_nltk' not in out, out
+  metrics = json.loads(
+      (workdir / 'decode' / 'test_step6_beam3_metrics.json').read_text())
+  assert 0 < metrics['metrics']['METEOR'] < 1, metrics
 
 
 def test_bad_input_is_one_line_and_nothing_is_lost(shapes_data_dir, tmp_path):
