@@ -102,7 +102,7 @@ def _assert_stopped(job, rc: int, code: int, *wanted: str) -> str:
   assert line.startswith('capjax: '), err[-3000:]
   assert [l for l in err.splitlines() if l.startswith('capjax: ')] == [line]
   for want in wanted:
-    assert want in line, line
+    assert want in line, err[-3000:]
   return line
 
 
