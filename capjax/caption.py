@@ -105,7 +105,8 @@ def _check_usage(paths: list[str]) -> None:
 def _captioner() -> 'inference.Captioner':
   """The captioner the flags ask for; a UserError for a workdir that has
   none."""
-  from capjax import inference  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  # pylint: disable-next=g-import-not-at-top,redefined-outer-name
+  from capjax import inference
   return inference.Captioner.from_workdir(
       FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step,
       beam_size=FLAGS.beam_size, max_len=FLAGS.max_len or None,

@@ -154,6 +154,19 @@ def test_all_good_exits_0_and_usage_errors_exit_2(trained_workdir, photos,
     assert want in err and 'Traceback' not in err, want
 
 
+def test_a_usage_mistake_is_told_before_jax_is_imported(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-X', 'importtime', '-m', 'capjax.caption',
+       f'--workdir={tmp_path}', '--attention', str(tmp_path)],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      'capjax: error: --attention draws heatmaps'), proc.stderr[-3000:]
+  imported = re.findall(r'^import time:.*\|\s*([\w.]+)$', proc.stderr, re.M)
+  assert 'absl.flags' in imported
+  assert not {'jax', 'flax', 'orbax', 'tensorflow'} & set(imported)
+
+
 def test_an_output_that_cannot_be_written_is_one_line_before_captioning(
     trained_workdir, photos, tmp_path):
   (tmp_path / 'folder').mkdir()
