@@ -143,8 +143,8 @@ def main(argv: list[str]) -> int:
     print(f'capjax: error: {e}', file=sys.stderr)
     return USAGE_ERROR
   # Here, once the flags are known to be right: a mistake in them is told
-  # in 0.3 s of CPU, not after the 1.2 s that importing JAX, flax and orbax
-  # takes (2-core CPU).
+  # in 0.1 s of CPU, not after the 1.3 s or more that importing JAX, flax
+  # and orbax takes (2-core CPU).
   # pylint: disable=g-import-not-at-top,redefined-outer-name
   from capjax import checkpoint
   from capjax import inference

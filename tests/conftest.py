@@ -48,7 +48,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.1'
 
 # With PYTHONDONTWRITEBYTECODE set, every process the tests start (about 80
-# jobs and scripts) would compile capjax from source, 0.15 s of CPU each:
+# jobs and scripts) would compile capjax from source, 0.2 s of CPU each:
 # compiled here once, by pytest's first process, they all read the bytecode.
 if sys.dont_write_bytecode and not os.environ.get('PYTEST_XDIST_WORKER'):
   import compileall
