@@ -19,6 +19,8 @@ def _known_to_xla(flags: str) -> bool:
       capture_output=True, check=False).returncode == 0
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # XLA's older CPU code generation compiles the tiny models' steps in about
 # 60% of the time of its fusion emitters, and compilation is a large share
 # of the suite's time.
@@ -52,9 +54,8 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # compiled here once, by pytest's first process, they all read the bytecode.
 if sys.dont_write_bytecode and not os.environ.get('PYTEST_XDIST_WORKER'):
   import compileall
-  _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for _folder in ('capjax', 'configs', 'tests'):
-    compileall.compile_dir(os.path.join(_root, _folder), quiet=1)
+    compileall.compile_dir(os.path.join(REPO, _folder), quiet=1)
 
 # The tests stop their jobs with SIGINT. Started in the background of a
 # shell script, this process ignores SIGINT, and the jobs would inherit
@@ -92,8 +93,6 @@ from capjax.models import resnet
 
 # grain's worker processes read absl flags, which no command line parsed here.
 flags.FLAGS.mark_as_parsed()
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def xla_flags(devices: int) -> str:
