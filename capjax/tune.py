@@ -208,11 +208,16 @@ def tune(config, workdir: str) -> None:
                'command to continue the study')
     done = study_lib.counts(study)['finished'] >= total
   else:
+    # Only here, where trials train: a tuner that starts --workers, or
+    # reports, needs neither JAX nor orbax (1 s of imports, and the
+    # TensorFlow that the training logs import).
     # pylint: disable=g-import-not-at-top
     import jax
+    from capjax import checkpoint
     from capjax import train
     from capjax.tuning import trial as trial_lib
     # pylint: enable=g-import-not-at-top
+    checkpoint.quiet_reported_failures()
     logging.info('Worker %d; devices: %s', WORKER.value, jax.local_devices())
     objective = trial_lib.Objective(study, sweep, base, workdir,
                                     train.train_and_evaluate)
@@ -245,10 +250,6 @@ def main(argv):
     if MODE.value == 'report':
       report(WORKDIR.value)  # Reads the study only: no JAX, no orbax.
     else:
-      # The trials' checkpoints (orbax and JAX, 0.9 s of imports): only
-      # here, where trials train.
-      from capjax import checkpoint  # pylint: disable=g-import-not-at-top
-      checkpoint.quiet_reported_failures()
       if CONFIG.value is None:
         raise UserError('--config is required to tune (e.g. '
                         '--config=configs/shapes.py)')

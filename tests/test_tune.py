@@ -41,9 +41,10 @@ def _sweep_file(tmp_path, body: str, name='sweep.py') -> str:
   return str(path)
 
 
-def _tune(*args, data_dir, wait=True, **kwargs):
-  cmd = [sys.executable, '-m', 'capjax.tune', '--config=configs/test.py',
-         f'--config.data.data_dir={data_dir}', *args]
+def _tune(*args, data_dir, wait=True, python=(), **kwargs):
+  cmd = [sys.executable, *python, '-m', 'capjax.tune',
+         '--config=configs/test.py', f'--config.data.data_dir={data_dir}',
+         *args]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, **kwargs)
   if not wait:
@@ -545,9 +546,15 @@ def test_two_workers_share_one_study(tmp_path, shapes_data_dir, how):
       "trials=2, pruner='none', heartbeat_seconds=5, grace_seconds=60)"))
   workdir = tmp_path / 'tune'
   if how == 'workers':
+    # (-X importtime, for this process only: the tuner that starts the
+    # workers imports neither JAX nor orbax, nor TensorFlow.)
     code, _, err = _tune(f'--sweep={sweep}', f'--workdir={workdir}',
-                         '--workers=2', data_dir=shapes_data_dir)
+                         '--workers=2', data_dir=shapes_data_dir,
+                         python=('-X', 'importtime'))
     assert code == 0, err[-3000:]
+    imported = re.findall(r'^import time:.*\|\s*([\w.]+)$', err, re.M)
+    assert 'optuna' in imported
+    assert not {'jax', 'orbax', 'tensorflow'} & set(imported)
     storage = None
   else:
     # The SLURM script, as two array tasks would run it, on a journal file.
