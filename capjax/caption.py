@@ -26,7 +26,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import IO, TYPE_CHECKING
+from typing import Any, IO
 
 from absl import app
 from absl import flags
@@ -35,9 +35,6 @@ from absl import logging
 from capjax import files
 from capjax.errors import UserError
 # pylint: enable=g-import-not-at-top,wrong-import-position
-
-if TYPE_CHECKING:
-  from capjax import inference  # pylint: disable=g-bad-import-order
 
 FLAGS = flags.FLAGS
 USAGE_ERROR = 2
@@ -102,13 +99,9 @@ def _check_usage(paths: list[str]) -> None:
       files.check_output(path, f'{flag}={path}')
 
 
-def _captioner() -> 'inference.Captioner':
-  """The captioner the flags ask for; a UserError for a workdir that has
-  none."""
-  # pylint: disable-next=g-import-not-at-top,redefined-outer-name
-  from capjax import inference
-  return inference.Captioner.from_workdir(
-      FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step,
+def _search_options() -> dict[str, Any]:
+  """`inference.Captioner.from_workdir`'s options, as the flags set them."""
+  return dict(
       beam_size=FLAGS.beam_size, max_len=FLAGS.max_len or None,
       alpha=FLAGS.alpha, batch_size=FLAGS.batch_size,
       include=[[p.strip() for p in phrase.split('|')]
@@ -145,12 +138,12 @@ def main(argv: list[str]) -> int:
   # Here, once the flags are known to be right: a mistake in them is told
   # in 0.1 s of CPU, not after the 1.3 s or more that importing JAX, flax
   # and orbax takes (2-core CPU).
-  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  # pylint: disable=g-import-not-at-top
   from capjax import checkpoint
   from capjax import inference
   from capjax import report
   import tqdm
-  # pylint: enable=g-import-not-at-top,redefined-outer-name
+  # pylint: enable=g-import-not-at-top
   checkpoint.quiet_reported_failures()
   items = inference.find_images(paths)
   if not items:
@@ -159,7 +152,9 @@ def main(argv: list[str]) -> int:
           file=sys.stderr)
     return USAGE_ERROR
   try:
-    captioner = _captioner()
+    captioner = inference.Captioner.from_workdir(
+        FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step,
+        **_search_options())
   except UserError as e:
     print(f'capjax: error: {e}', file=sys.stderr)
     return USAGE_ERROR

@@ -4,6 +4,7 @@ import atexit
 import fcntl
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,12 @@ from capjax.models import resnet
 
 # grain's worker processes read absl flags, which no command line parsed here.
 flags.FLAGS.mark_as_parsed()
+
+
+def imported_modules(stderr: str) -> set[str]:
+  """The modules a `python -X importtime` process imported, from its
+  stderr."""
+  return set(re.findall(r'^import time:.*\|\s*([\w.]+)$', stderr, re.M))
 
 
 def xla_flags(devices: int) -> str:

@@ -3,7 +3,6 @@ train configs/test.py, pruning, kill -9 and resume, two workers."""
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from capjax.tuning import results
 from capjax.tuning import storage as storage_lib
 from capjax.tuning import study as study_lib
 from capjax.tuning import sweep as sweep_lib
-from conftest import REPO, chromium, chromium_flags
+from conftest import REPO, chromium, chromium_flags, imported_modules
 
 State = optuna.trial.TrialState
 # The password in the storage URLs below: it must never be shown.
@@ -523,9 +522,9 @@ def test_a_password_in_the_storage_url_stays_out_of_logs_and_results(
   assert report.returncode == 0, report.stderr[-2000:]
   assert 'Best: trial 0, 0.5000' in report.stdout
   assert SECRET not in report.stdout + report.stderr
-  imported = re.findall(r'^import time:.*\|\s*([\w.]+)$', report.stderr, re.M)
+  imported = imported_modules(report.stderr)
   assert 'optuna' in imported
-  assert not {'jax', 'orbax', 'tensorflow'} & set(imported)
+  assert not {'jax', 'orbax', 'tensorflow'} & imported
 
 
 def _trained_once(workdir) -> bool:
@@ -552,9 +551,9 @@ def test_two_workers_share_one_study(tmp_path, shapes_data_dir, how):
                          '--workers=2', data_dir=shapes_data_dir,
                          python=('-X', 'importtime'))
     assert code == 0, err[-3000:]
-    imported = re.findall(r'^import time:.*\|\s*([\w.]+)$', err, re.M)
+    imported = imported_modules(err)
     assert 'optuna' in imported
-    assert not {'jax', 'orbax', 'tensorflow'} & set(imported)
+    assert not {'jax', 'orbax', 'tensorflow'} & imported
     storage = None
   else:
     # The SLURM script, as two array tasks would run it, on a journal file.
