@@ -16,8 +16,11 @@ from capjax.models import resnet
 from conftest import random_variables
 
 VOCAB = 20
-B, K, L, S = 2, 3, 6, 64  # 64 px -> resnet_tiny's 2x2 grid, P = 4.
-P = (S // 32)**2
+# The stem and one block (configs/test.py's encoder): its grid is 1/4 of the
+# image, 2x2 at 8 px, P = 4.
+ARCH, STRIDE = 'resnet_micro', 4
+B, K, L, S = 2, 3, 6, 8
+P = (S // STRIDE)**2
 
 # On arrays this small XLA's CPU backend optimisations take longer to run
 # than they save; without them each compile here takes half the time.
@@ -27,7 +30,7 @@ jit = functools.partial(
 
 def model_config(**encoder):
   config = config_lib.defaults().model
-  config.encoder.arch = 'resnet_tiny'
+  config.encoder.arch = ARCH
   config.encoder.update(encoder)
   config.decoder.update(embed_dim=16, hidden_dim=24, attention_dim=12)
   return config
@@ -96,9 +99,9 @@ def test_variables(variables):
   assert set(variables['batch_stats']) == {'encoder'}
   for leaf in jax.tree.leaves(variables):
     assert leaf.dtype == jnp.float32
-  # The decoder's attention keys read resnet_tiny's channels.
+  # The decoder's attention keys read the encoder's channels.
   keys = variables['params']['decoder']['cell']['attend_features']['kernel']
-  assert keys.shape == (resnet.feature_dim('resnet_tiny'), 12)
+  assert keys.shape == (resnet.feature_dim(ARCH), 12)
   # The decoder's paths as trained checkpoints hold them.
   decoder = {'/'.join(key.key for key in path) for path, _ in
              jax.tree.flatten_with_path(variables['params']['decoder'])[0]}
@@ -113,9 +116,9 @@ def test_shapes(variables, images, captions):
                              rtol=1e-5)
   predict = models.Predict(make_model())
   features = jax.eval_shape(predict.encode, variables, {'image': images})
-  assert features.shape == (B, P, resnet.feature_dim('resnet_tiny'))
+  assert features.shape == (B, P, resnet.feature_dim(ARCH))
   grid = jax.eval_shape(predict.grid, variables, images)
-  assert grid.shape == (B, S // 32, S // 32, resnet.feature_dim('resnet_tiny'))
+  assert grid.shape == (B, S // STRIDE, S // STRIDE, resnet.feature_dim(ARCH))
 
 
 def test_predict_from_features_and_on_a_clone(variables, images, captions):

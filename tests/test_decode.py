@@ -196,14 +196,14 @@ def test_trigram_ban_in_search():
 def captioner(request):
   """(predict, variables, images) of a tiny captioner with each decoder."""
   config = config_lib.defaults().model
-  config.encoder.arch = 'resnet_tiny'
+  config.encoder.arch = 'resnet_micro'
   config.decoder.update(name=request.param, embed_dim=16, hidden_dim=24,
                         attention_dim=12)
   config.decoder.transformer.update(encoder_layers=1, layers=2, model_dim=16,
                                     heads=2, mlp_dim=32)
   predict = models.Predict(models.build_captioner(config, 9, max_len=8))
   images = jnp.asarray(np.random.default_rng(0).standard_normal(
-      (5, 64, 64, 3)), jnp.float32)
+      (5, 8, 8, 3)), jnp.float32)
   variables = jax.jit(predict.init)(jax.random.key(0), images[:1],
                                     jnp.zeros((1, 1, 4), jnp.int32))
   # Sharper logits than the random init's, so that captions end early.
