@@ -202,6 +202,7 @@ def captioner(request):
   config.decoder.transformer.update(encoder_layers=1, layers=2, model_dim=16,
                                     heads=2, mlp_dim=32)
   predict = models.Predict(models.build_captioner(config, 9, max_len=8))
+  # 8 px: resnet_micro's 2x2 grid, 4 positions to attend to.
   images = jnp.asarray(np.random.default_rng(0).standard_normal(
       (5, 8, 8, 3)), jnp.float32)
   variables = jax.jit(predict.init)(jax.random.key(0), images[:1],
