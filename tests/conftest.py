@@ -41,6 +41,9 @@ else:
       f for f in os.environ['XLA_FLAGS'].split()
       if not f.startswith('--xla_force_host_platform_device_count'))
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+# The CPU's 8 devices, also where an accelerator is present; and the jobs
+# the tests start share this environment (tests/preload.py).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='capjax-test-jax-cache-')
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import preload
 from conftest import REPO
 
 
@@ -17,7 +18,7 @@ def test_benchmark_smoke_run(shapes_data_dir, tmp_path):
   # over them); and a frozen encoder, so that the scst benchmark's setup is
   # the features benchmark's image one, which the run measures once (the
   # train benchmark sets the encoder both ways itself).
-  proc = subprocess.run(
+  proc = preload.run(
       [sys.executable, '-m', 'capjax.benchmark', '--config=configs/test.py',
        f'--config.data.data_dir={shapes_data_dir}',
        '--config.model.encoder.frozen=True', '--config.data.max_len=12',

@@ -25,6 +25,7 @@ from capjax.data import feature_cache
 from capjax.data import pipeline
 from capjax.errors import UserError
 from capjax.models import decoders
+import preload
 from conftest import REPO
 
 
@@ -317,7 +318,7 @@ def test_a_second_builder_waits_for_the_first(test_config, tmp_path):
       [os.path.dirname(__file__), REPO]))
   lines = []
   with cache.lock():  # As a first builder would hold it.
-    proc = subprocess.Popen(
+    proc = preload.Popen(
         [sys.executable, '-c', _BUILD, config.data.data_dir,
          str(tmp_path / 'two')], cwd=REPO, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -16,6 +16,7 @@ import pytest
 from capjax import inference
 from capjax import workdir as workdir_lib
 from capjax.data import scenes
+import preload
 from conftest import REPO, chromium, chromium_flags, imported_modules
 
 GOOD = ['a.jpg', 'b.png', 'c.webp', 'd.bmp', 'e.gif', 'cmyk.jpg', 'deep.png',
@@ -60,9 +61,9 @@ def photos(tmp_path_factory):
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, '-m', 'capjax.caption', *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=300,
-                        check=False)
+  return preload.run([sys.executable, '-m', 'capjax.caption', *args],
+                     cwd=REPO, capture_output=True, text=True, timeout=300,
+                     check=False)
 
 
 @pytest.fixture(scope='module')
@@ -144,7 +145,7 @@ def test_all_good_exits_0_and_usage_errors_exit_2(trained_workdir, photos,
           f'--workdir={trained_workdir}', '--attention', str(good)],
       'Unknown command line flag': [f'--workdir={trained_workdir}', '--beam=3'],
   }
-  procs = {want: subprocess.Popen(
+  procs = {want: preload.Popen(
       [sys.executable, '-m', 'capjax.caption', *args], cwd=REPO, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
            for want, args in cases.items()}  # Side by side: faster.
@@ -183,7 +184,7 @@ def test_an_output_that_cannot_be_written_is_one_line_before_captioning(
       None: [f'--output={tmp_path / "new" / "c.jsonl"}',
              f'--html={tmp_path / "new" / "report" / "r.html"}'],
   }
-  procs = {want: subprocess.Popen(
+  procs = {want: preload.Popen(
       [sys.executable, '-m', 'capjax.caption', f'--workdir={trained_workdir}',
        str(photos / 'a.jpg'), *args], cwd=REPO, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -20,6 +20,7 @@ import pytest
 from capjax import checkpoint
 from capjax.data.vocab import Vocab
 from capjax.errors import UserError
+import preload
 
 # Not conftest's: the jobs these tests start import this module, and must
 # import no more than a job would.
@@ -79,12 +80,13 @@ def _save(directory, steps, leaves=1):
 
 
 def _python(code, *args):
-  """Runs `code` in a new Python process, as a job would start."""
+  """Runs `code` in a process of its own, as a job would (forked from the
+  preloaded process, tests/preload.py)."""
   env = dict(os.environ,
              PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
-  return subprocess.run([sys.executable, '-c', code, *map(str, args)],
-                        cwd=REPO, env=env, text=True, capture_output=True,
-                        timeout=120, check=False)
+  return preload.run([sys.executable, '-c', code, *map(str, args)],
+                     cwd=REPO, env=env, text=True, capture_output=True,
+                     timeout=120, check=False)
 
 
 # ------------------------------------------------------------- a full disk

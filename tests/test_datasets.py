@@ -19,6 +19,7 @@ from capjax.data import shapes
 from capjax.data import vocab as vocab_lib
 from capjax.errors import UserError
 import conftest
+import preload
 from conftest import coco_config
 from conftest import COCO_WORDS
 from conftest import KARPATHY_SIZES
@@ -161,7 +162,7 @@ def test_a_second_job_waits_for_the_dataset_build(tmp_path):
   builder = datasets.get_builder(config.data)
   lines = []
   with locks.waiting(f'{builder.data_dir}.prepare.lock', 'test'):
-    proc = subprocess.Popen(
+    proc = preload.Popen(
         [sys.executable, '-c', _PREPARE, str(tmp_path)], cwd=REPO,
         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr))

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import jax
@@ -29,6 +28,7 @@ from capjax.data import tokenizer
 from capjax.errors import UserError
 from capjax.metrics import objects as objects_lib
 from configs import test as test_configs
+import preload
 from conftest import REPO
 from test_checkpoint import change_bytes
 
@@ -196,7 +196,7 @@ def test_a_damaged_checkpoint_is_one_line_for_every_reader(
   shutil.copytree(trained[0], copy)
   # Every file: the model's arrays among them (decoding reads no others).
   change_bytes(copy / 'checkpoints' / '6', every_file=True)
-  proc = subprocess.run(
+  proc = preload.run(
       [sys.executable, '-m', 'capjax.main', '--config=configs/test.py',
        f'--workdir={copy}', f'--config.data.data_dir={shapes_data_dir}',
        '--mode=decode'], cwd=REPO, text=True, capture_output=True,

@@ -8,12 +8,15 @@ import sys
 
 import pytest
 
+import preload
 from conftest import REPO
 
 
-def _main(*args, cwd=REPO):
-  return subprocess.Popen(
-      [sys.executable, '-m', 'capjax.main', *args], cwd=cwd, text=True,
+def _main(*args, new_interpreter=False):
+  """The job, forked from the preloaded process (tests/preload.py) or, as
+  a user starts it, in a new interpreter."""
+  return (subprocess.Popen if new_interpreter else preload.Popen)(
+      [sys.executable, '-m', 'capjax.main', *args], cwd=REPO, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -25,7 +28,7 @@ def test_main_trains(shapes_data_dir, tmp_path):
                '--config.evals.test.split=test_novel',
                # NLTK's METEOR: the official one starts a JVM, 9 s of CPU
                # (test_the_decode_job_scores_with_the_official_meteor).
-               '--config.decode.meteor=nltk')
+               '--config.decode.meteor=nltk', new_interpreter=True)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   vocab = json.loads((workdir / 'vocab.json').read_text())

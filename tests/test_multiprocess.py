@@ -23,6 +23,7 @@ import pytest
 from capjax import train
 from capjax.errors import UserError
 from capjax.tuning import sweep as sweep_lib
+import preload
 from conftest import REPO
 from conftest import built_once
 from conftest import saved_state
@@ -66,7 +67,7 @@ def _run(cmd, env):
 def _job(workdir, data_dir, steps, extra=()):
   """The job on 2 processes of 2 CPU devices each, by the launcher."""
   # Process 1's log beside the workdir, not in a folder of /tmp of its own.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', NUM_PROCESSES='2',
+  env = dict(os.environ, NUM_PROCESSES='2',
              DEVICES_PER_PROCESS='2', PYTHON=sys.executable,
              LOG_DIR=f'{workdir}-logs')
   args = [*FLAGS, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
@@ -193,14 +194,13 @@ def test_sigterm_to_one_process_stops_both_at_one_step(shapes_data_dir,
   # others when one exits), so that the signal reaches process 1 only.
   workdir = str(tmp_path / 'run')
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=xla_flags(2))
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   logs = [tmp_path / f'process_{i}.log' for i in range(2)]
   procs = []
   try:
     for i, log in enumerate(logs):
       with open(log, 'w') as f:
-        procs.append(subprocess.Popen(
+        procs.append(preload.Popen(
             [sys.executable, '-m', 'capjax.main',
              *_preemptible_args(workdir, shapes_data_dir, 100_000),
              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',

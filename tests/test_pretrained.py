@@ -23,6 +23,7 @@ from capjax import config as config_lib
 from capjax import pretrained
 from capjax.errors import UserError
 from capjax.models import resnet
+import preload
 from conftest import torch_state_dict
 
 # Keras's get_weights() trips a NumPy 2 deprecation, once per layer.
@@ -529,7 +530,7 @@ def test_random_frozen_encoder_is_refused():
 
 def test_random_frozen_encoder_is_one_line_from_main(tmp_path):
   # Refused before any data is read: the data dir does not even exist.
-  result = subprocess.run(
+  result = preload.run(
       [sys.executable, '-m', 'capjax.main', '--config=configs/test.py',
        f'--workdir={tmp_path / "run"}', '--config.model.encoder.frozen=True',
        f'--config.data.data_dir={tmp_path / "none"}'],

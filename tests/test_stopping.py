@@ -20,6 +20,7 @@ import time
 import pytest
 
 from capjax import stopping
+import preload
 from conftest import REPO
 from conftest import saved_state
 from conftest import xla_flags
@@ -44,8 +45,8 @@ class _Job:
     else:
       cmd = [sys.executable, '-m', 'capjax.main', *args]
     with open(self.err_path, 'w') as err, open(self.out_path, 'w') as out:
-      self.proc = subprocess.Popen(
-          cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu', **env or {}),
+      self.proc = preload.Popen(
+          cmd, cwd=REPO, env=dict(os.environ, **env or {}),
           stdout=out, stderr=err, start_new_session=True)
 
   @property

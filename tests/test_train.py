@@ -18,6 +18,7 @@ from capjax import inference
 from capjax import report
 from capjax import train
 from capjax.errors import UserError
+import preload
 from conftest import REPO
 from conftest import coco_config
 from conftest import coco_data_source
@@ -171,7 +172,7 @@ def test_foreign_checkpoint_directory(test_config, tmp_path):
 
 
 def _job(workdir, data_dir, steps):
-  return subprocess.Popen(
+  return preload.Popen(
       [sys.executable, '-m', 'capjax.main', '--config=configs/test.py',
        f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
        f'--config.train.num_steps={steps}', '--config.train.log_every_steps=1',

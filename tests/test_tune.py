@@ -19,6 +19,7 @@ from capjax.tuning import results
 from capjax.tuning import storage as storage_lib
 from capjax.tuning import study as study_lib
 from capjax.tuning import sweep as sweep_lib
+import preload
 from conftest import REPO, chromium, chromium_flags, imported_modules
 
 State = optuna.trial.TrialState
@@ -44,8 +45,8 @@ def _tune(*args, data_dir, wait=True, python=(), **kwargs):
   cmd = [sys.executable, *python, '-m', 'capjax.tune',
          '--config=configs/test.py', f'--config.data.data_dir={data_dir}',
          *args]
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, **kwargs)
+  proc = preload.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, **kwargs)
   if not wait:
     return proc
   out, err = proc.communicate(timeout=600)
