@@ -3,26 +3,28 @@
 A capjax job spends about 5 s of CPU importing TensorFlow (through clu's
 writers and TFDS), JAX, flax, orbax and grain before it reads a flag, and
 the suite starts dozens of them. `Popen` and `run` here take the arguments
-of `subprocess.Popen` and `subprocess.run`; a command `python -m capjax.X`
-or `python -c CODE` is forked from a preloaded process (one per xdist worker
-and environment) instead of a new interpreter: the job is a process of its
-own, with its own pid, stdio, working directory, environment, session and
-exit status, that runs the module as `__main__` and exits through the
-interpreter's own shutdown, as `python -m` does. Nothing else differs from a
-job the tests would start: the preloaded process has imported modules and
-done nothing else (no JAX backend, no flags parsed, no compilation).
+of `subprocess.Popen` and `subprocess.run`. A command `python -m capjax.X`
+or `python -c CODE` is forked from a preloaded process (one per xdist
+worker, started at its first job) instead of starting a new interpreter:
+the job is a process of its own, with its own pid, stdio, working
+directory, environment, session and exit status, that runs the module as
+`__main__` and ends through the interpreter's own shutdown (atexit,
+non-daemon threads), as `python -m` does. The preloaded process has only
+imported modules: no JAX backend, no flags parsed, nothing compiled.
 
-What a fork cannot show stays a new interpreter: `subprocess` itself, for
-the tests of start-up (what a command imports, and when; a signal while it
-imports; the garbage collector set before the imports). And every other
-command (bash, java, `python -X ...`) goes to `subprocess` unchanged, as
-does a job whose environment differs from the preloaded process's in what
-a library reads at import (a new preloaded process is started for it).
+What a fork cannot show stays a new interpreter:
+- the tests of start-up (what a command imports, and when) call
+  `subprocess` itself, and so does the README's main command in
+  tests/test_main.py;
+- any other command (bash, java, `python -X ...`), a job in another folder,
+  and one whose environment differs from the preloaded process's in what a
+  library reads at import (HF_HUB_CACHE, TMPDIR, ...) go to `subprocess`
+  unchanged.
+`CAPJAX_TESTS_NEW_INTERPRETERS=1` sends every job there.
 
 `multiprocessing`'s forkserver preloads modules too, but its children run a
-function, not a module as `__main__`; they take no stdio of the caller's and
-leave through `os._exit`, without the interpreter's shutdown (atexit,
-non-daemon threads), which capjax's jobs go through.
+function, not a module as `__main__`, take no stdio of the caller's, and
+leave through `os._exit`, without the interpreter's shutdown.
 """
 
 import atexit
@@ -68,6 +70,10 @@ def _significant(env) -> dict:
           if k not in _READ_LATE and not k.startswith('CAPJAX_')}
 
 
+# Set (to anything) in the tests' environment: every job in a new
+# interpreter, as before tests/preload.py, to rule it out.
+NO_PRELOAD = 'CAPJAX_TESTS_NEW_INTERPRETERS'
+
 _HEADER = struct.Struct('!I')
 _STATUS = struct.Struct('!i')
 
@@ -84,9 +90,9 @@ def _command_forks(args, kwargs) -> bool:
     return False
   allowed = {'cwd', 'env', 'stdin', 'stdout', 'stderr', 'text',
              'start_new_session', 'universal_newlines', 'encoding', 'errors'}
-  cwd = kwargs.get('cwd')
+  cwd = kwargs.get('cwd') or os.getcwd()
   return not set(kwargs) - allowed and (
-      cwd is None or os.path.realpath(cwd) == os.path.realpath(REPO))
+      os.path.realpath(cwd) == os.path.realpath(REPO))
 
 
 class _Server:
@@ -168,6 +174,8 @@ def _the_server() -> _Server:
 def forks(args, **kwargs) -> bool:
   """Whether `Popen(args, **kwargs)` forks the job from the preloaded
   process (and starts that process if it has not)."""
+  if os.environ.get(NO_PRELOAD):
+    return False
   return _command_forks(args, kwargs) and _the_server().environment(
       os.environ if kwargs.get('env') is None else kwargs['env']) is not None
 

@@ -79,14 +79,15 @@ def _save(directory, steps, leaves=1):
   ckpt.close()
 
 
-def _python(code, *args):
-  """Runs `code` in a process of its own, as a job would (forked from the
-  preloaded process, tests/preload.py)."""
+def _python(code, *args, new_interpreter=False):
+  """Runs `code` in a process of its own, as a job would: forked from the
+  preloaded process (tests/preload.py), or in a new interpreter where what
+  it imports is the point."""
   env = dict(os.environ,
              PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
-  return preload.run([sys.executable, '-c', code, *map(str, args)],
-                     cwd=REPO, env=env, text=True, capture_output=True,
-                     timeout=120, check=False)
+  return (subprocess.run if new_interpreter else preload.run)(
+      [sys.executable, '-c', code, *map(str, args)], cwd=REPO, env=env,
+      text=True, capture_output=True, timeout=120, check=False)
 
 
 # ------------------------------------------------------------- a full disk
@@ -556,7 +557,7 @@ print(sorted(m for m in ('grain', 'tensorflow_datasets', 'tensorflow')
              if m in sys.modules))
 # Process-wide hooks are the entry points' to install, not a library's.
 print(sys.unraisablehook is sys.__unraisablehook__)
-''', directory)
+''', directory, new_interpreter=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == ['2 2.0', '[]', 'True']
 
