@@ -141,6 +141,17 @@ def shapes_data_dir(tmp_path_factory) -> str:
   return str(built_once(tmp_path_factory, 'tfds', build))
 
 
+def copy_build(data_dir, dest, copies: bool = False) -> None:
+  """Copies the tiny shapes build of `data_dir` to `dest`, without what other
+  tests' jobs write beside it, perhaps at that moment: its feature caches,
+  their locks and temporary files, and unless `copies`, its resized copies."""
+  def beside_the_build(folder, names):
+    del folder
+    return [n for n in names if '.tmp-' in n or re.match(
+        r'\d+\.\d+\.\d+-' + ('features-' if copies else ''), n)]
+  shutil.copytree(data_dir, dest, ignore=beside_the_build)
+
+
 @pytest.fixture
 def test_config(shapes_data_dir):
   """configs/test.py reading the tiny shapes build."""

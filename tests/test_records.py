@@ -11,7 +11,6 @@ damaged record is read.
 import dataclasses
 import os
 import re
-import shutil
 
 import pytest
 
@@ -24,6 +23,7 @@ from capjax.data import prepare
 from capjax.data import records
 from capjax.data import resized
 from capjax.errors import UserError
+from conftest import copy_build
 
 SIZE = 32
 _REMAKE_COPY = ('the next run with --config.data.prepare=True (or '
@@ -35,8 +35,7 @@ def test_config(test_config, tmp_path, monkeypatch):
   """The tiny shapes build in a data dir of this test's own, without the
   copies and caches of other tests; train in 3 shards of the copy."""
   data_dir = tmp_path / 'tfds'
-  shutil.copytree(test_config.data.data_dir, data_dir,
-                  ignore=shutil.ignore_patterns('*px', '*-features-*'))
+  copy_build(test_config.data.data_dir, data_dir)
   test_config.data.data_dir = str(data_dir)
   monkeypatch.setattr(resized, 'SHARD_SIZE', 100)
   return test_config

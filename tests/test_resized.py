@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 
@@ -20,6 +19,7 @@ from capjax.data import prepare
 from capjax.data import records
 from capjax.data import resized
 from capjax.errors import UserError
+from conftest import copy_build
 
 SIZE = 32
 
@@ -28,8 +28,7 @@ SIZE = 32
 def test_config(test_config, tmp_path):
   """The tiny shapes build in a data dir of this test's own, without copies."""
   data_dir = tmp_path / 'tfds'
-  shutil.copytree(test_config.data.data_dir, data_dir,
-                  ignore=shutil.ignore_patterns('*px'))
+  copy_build(test_config.data.data_dir, data_dir)
   test_config.data.data_dir = str(data_dir)
   return test_config
 

@@ -22,6 +22,7 @@ import pytest
 from capjax import stopping
 import preload
 from conftest import REPO
+from conftest import copy_build
 from conftest import saved_state
 from conftest import xla_flags
 
@@ -223,8 +224,7 @@ def test_sigint_during_the_data_build_leaves_no_part(jobs, shapes_data_dir,
                                                      tmp_path):
   # A data dir of its own, without the copy at 32 px, which it makes.
   data_dir = tmp_path / 'tfds'
-  shutil.copytree(shapes_data_dir, data_dir,
-                  ignore=lambda d, names: [n for n in names if 'px' in n])
+  copy_build(shapes_data_dir, data_dir)
   job = jobs(tmp_path, _base(tmp_path / 'run', data_dir), prelude=_SLOW_COPY)
   job.wait_for('Copying train (256 images)')
   time.sleep(1)  # In the middle of the shard.
@@ -244,7 +244,7 @@ _SLOW_CACHE = _slowed('feature_cache', 'encode_record')
 def test_sigterm_while_caching_features_leaves_no_part(jobs, shapes_data_dir,
                                                        tmp_path):
   data_dir = tmp_path / 'tfds'
-  shutil.copytree(shapes_data_dir, data_dir)
+  copy_build(shapes_data_dir, data_dir, copies=True)
   job = jobs(tmp_path, _base(
       tmp_path / 'run', data_dir, '--mode=cache_features',
       '--config.seed=17',  # An encoder, so a cache, of this test's own.
