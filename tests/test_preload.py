@@ -51,6 +51,16 @@ def test_a_forked_job_is_a_new_interpreters_twin(name):
     assert new.stdout == 'False False\n0 2\n'
 
 
+def test_a_module_runs_as_main():
+  # As `python -m`: argv[0] the module's file, flags parsed by the command.
+  args = [sys.executable, '-m', 'capjax.score', '--helpshort']
+  assert preload.forks(args)
+  new, forked = (run(args, cwd=REPO, text=True, capture_output=True,
+                     timeout=60) for run in (subprocess.run, preload.run))
+  assert (forked.returncode, forked.stdout) == (new.returncode, new.stdout)
+  assert 'capjax/score.py:' in new.stdout  # The main module's flags.
+
+
 def test_a_job_in_its_own_session_and_its_status():
   proc = preload.Popen(
       [sys.executable, '-c', 'import os, time; print(os.getsid(0), flush=True);'
