@@ -10,6 +10,13 @@ import pytest
 import preload
 from conftest import REPO
 
+
+@pytest.fixture(autouse=True)
+def _forking(monkeypatch):
+  """These tests are of the fork itself, whichever way the suite runs."""
+  monkeypatch.delenv(preload.NO_PRELOAD, raising=False)
+
+
 _SCRIPTS = {
     'exit status': 'import sys; sys.exit(3)',
     'uncaught exception': 'raise ValueError("x")',
