@@ -107,7 +107,7 @@ class _Server:
         cwd=REPO, env=_ENV, pass_fds=[theirs.fileno()],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     theirs.close()
-    reply = self._receive()
+    reply = _read_message(self._sock)
     if reply is None:
       self.proc.wait()
       log.seek(0)
@@ -118,16 +118,6 @@ class _Server:
     self.set_by_imports = {k: v for k, v in reply.items() if _ENV.get(k) != v}
     self._preloaded = _significant({**_ENV, **self.set_by_imports})
     atexit.register(self.close)
-
-  def _receive(self):
-    data = b''
-    while len(data) < _HEADER.size + (
-        _HEADER.unpack_from(data)[0] if len(data) >= _HEADER.size else 0):
-      more = self._sock.recv(1 << 16)
-      if not more:
-        return None
-      data += more
-    return json.loads(data[_HEADER.size:])
 
   def environment(self, env) -> dict | None:
     """The environment a new interpreter started with `env` would have once
@@ -157,6 +147,18 @@ class _Server:
 def _message(value) -> bytes:
   body = json.dumps(value).encode()
   return _HEADER.pack(len(body)) + body
+
+
+def _read_message(sock, data: bytes = b''):
+  """The value of the `_message` that `data` begins, read to its end from
+  `sock`; None if the socket closes first."""
+  while len(data) < _HEADER.size or (
+      len(data) < _HEADER.size + _HEADER.unpack_from(data)[0]):
+    more = sock.recv(1 << 16)
+    if not more:
+      return None
+    data += more
+  return json.loads(data[_HEADER.size:])
 
 
 _server = None
@@ -273,12 +275,9 @@ def _serve(sock: socket.socket) -> dict:
     if not readable:
       continue
     data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 4)
-    if not data:
+    request = _read_message(sock, data) if data else None
+    if request is None:
       return {}  # The tests are done.
-    (size,) = _HEADER.unpack_from(data)
-    while len(data) < _HEADER.size + size:
-      data += sock.recv(_HEADER.size + size - len(data))
-    request = json.loads(data[_HEADER.size:])
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
